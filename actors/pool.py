@@ -1,0 +1,136 @@
+"""The teacher pool: one Ray actor per teacher, placed and checked before anything starts.
+
+The training loop calls the pool like a local object (`pool.submit(k, batch).result()`); scatter,
+`ray.get` and gather live here. The pool is picklable (it holds actor handles), so the driver passes
+it to Ray Train workers and Tune trials: teachers load once per pool, never per trial.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from actors.knowledge import Knowledge, KnowledgeRequest, TokenBatch
+from actors.manifest import TeacherInfo
+from actors.teacher import Teacher
+from orchestrator.errors import SkdError
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """Resources each role needs, as data, checked against the cluster before any actor starts.
+
+    Attributes:
+        teacher_cpus / teacher_gpus: per teacher actor; teachers: how many actors.
+        worker_cpus / worker_gpus: per student worker; workers: how many.
+    """
+
+    teachers: int
+    teacher_cpus: float
+    teacher_gpus: float
+    workers: int
+    worker_cpus: float
+    worker_gpus: float
+
+    def check(self, cluster: dict[str, float]) -> None:
+        """Raise if the cluster cannot hold the plan.
+
+        Raises:
+            SkdError: e.g. "need 4 GPUs for 4 teachers (1 each) + 0 for students, cluster has 2".
+        """
+        for res, t_each, w_each in (("GPU", self.teacher_gpus, self.worker_gpus),
+                                    ("CPU", self.teacher_cpus, self.worker_cpus)):
+            need_t, need_w = self.teachers * t_each, self.workers * w_each
+            have = cluster.get(res, 0.0)
+            if need_t + need_w > have + 1e-9:
+                raise SkdError(f"need {need_t + need_w:g} {res}s: {need_t:g} for {self.teachers} teachers "
+                               f"({t_each:g} each) + {need_w:g} for {self.workers} student workers, cluster has "
+                               f"{have:g}. Lower teachers.num_{res.lower()}s / ray.num_workers or add nodes")
+
+
+class PendingKnowledge:
+    """Knowledge requested but not yet received (one teacher, or several to average).
+
+    `result()` blocks, records how long the caller waited, and averages logits over teachers when the
+    request went to all of them (multi-teacher averaging of logits, as TextBrewer's MultiTeacherDistiller).
+    """
+
+    def __init__(self, refs: list[ray.ObjectRef], teacher: int) -> None:
+        self._refs = refs
+        self.teacher = teacher  # -1 for an average over teachers
+
+    def result(self) -> Knowledge:
+        start = time.perf_counter()
+        parts: list[Knowledge] = ray.get(self._refs)
+        wait = time.perf_counter() - start
+        if len(parts) == 1:
+            k = parts[0]
+            return Knowledge(k.teacher, k.logits, k.compute_s, wait)
+        logits = np.mean([p.logits.astype(np.float32) for p in parts], axis=0)  # [B, C]
+        return Knowledge(-1, logits, max(p.compute_s for p in parts), wait)
+
+
+class TeacherPool:
+    """Ray actors serving the teacher ensemble.
+
+    Args:
+        teachers: all ensemble members (indices refer to this list).
+        actors: teacher index -> actor handle, for the members that were started.
+    """
+
+    def __init__(self, teachers: list[TeacherInfo], actors: dict[int, ray.actor.ActorHandle]) -> None:
+        self.teachers = teachers
+        self.actors = actors
+
+    @classmethod
+    def start(cls, teachers: list[TeacherInfo], active: list[int], *, num_cpus: float, num_gpus: float,
+              threads: int, regression: bool, plan: PlacementPlan | None = None) -> "TeacherPool":
+        """Check placement, then start one actor per active teacher and wait until all are loaded.
+
+        Args:
+            teachers: the ensemble; active: indices to start (a single-teacher run starts one).
+            num_cpus / num_gpus: resources per actor; threads: torch threads per actor on CPU.
+            regression: teachers have a regression head.
+            plan: the full placement plan (teachers and student workers) to check first.
+
+        Raises:
+            SkdError: the cluster cannot hold the plan.
+        """
+        if plan is not None:
+            plan.check(ray.cluster_resources())
+        remote = ray.remote(Teacher).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=2,
+                                             max_task_retries=2)
+        actors = {}
+        for i in active:
+            t = teachers[i]
+            actors[i] = remote.remote(
+                i, t.checkpoint, t.num_labels, regression, threads, "cuda" if num_gpus > 0 else "cpu")
+        ray.get([a.ping.remote() for a in actors.values()])
+        return cls(teachers, actors)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.teachers]
+
+    def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingKnowledge:
+        """Ask teacher k for knowledge of a batch without waiting (prefetch)."""
+        return PendingKnowledge([self.actors[k].knowledge.remote(batch, request)], k)
+
+    def submit_average(self, batch: TokenBatch,
+                       request: KnowledgeRequest = KnowledgeRequest()) -> PendingKnowledge:
+        """Ask every started teacher; `result()` returns the logits averaged over teachers."""
+        ref = ray.put(batch)  # one copy in the object store, shared by all teachers
+        return PendingKnowledge([a.knowledge.remote(ref, request) for a in self.actors.values()], -1)
+
+    def knowledge(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Knowledge:
+        """Blocking form of `submit`."""
+        return self.submit(k, batch, request).result()
+
+    def shutdown(self) -> None:
+        """Kill the actors (the driver that started the pool calls this)."""
+        for a in self.actors.values():
+            ray.kill(a)
+        self.actors = {}

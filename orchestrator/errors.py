@@ -1,0 +1,25 @@
+"""One exception type for every user-facing mistake.
+
+The CLI prints a `SkdError` as one readable line (no traceback) and exits with status 2. Every raise
+names the setting at fault and the fix, and happens before any Ray resources are taken.
+"""
+
+
+class SkdError(Exception):
+    """A problem with the user's input (config, data, checkpoints) that the user can fix.
+
+    Args:
+        message: what is wrong and how to fix it; name the setting (`distill.alpha`, `data.glue_dir`).
+    """
+
+
+class ConfigError(SkdError):
+    """An invalid or unknown setting in a YAML config or a `--set key=value` override."""
+
+
+class DataError(SkdError):
+    """Missing or malformed data files, unknown label values, or an unknown task."""
+
+
+class TeacherError(SkdError):
+    """A teacher checkpoint that does not exist, does not load, or does not match the student."""

@@ -1,0 +1,141 @@
+"""SKD sampling distributions over the teacher ensemble and the seeded teacher sampler.
+
+Stochastic KD (SKDBERT, Ding et al., AAAI 2023): every training step the student distils from ONE
+teacher k ~ p. The paper names uniform, teacher-rank and student-rank distributions without formulas;
+ours (from the design notes) are, for N teachers with scores s_i and ascending ranks r_i in 1..N
+(best gets N; ties share the average rank):
+
+- uniform:            p_i = 1 / N
+- teacher-rank:       p_i = r_i^gamma / sum_j r_j^gamma, s_i = teacher i's own dev metric
+- student-rank:       same formula, s_i = dev metric of a student distilled from teacher i alone
+- softmax:            p_i = exp(s_i / tau) / sum_j exp(s_j / tau)
+- capacity-gaussian:  p_i ∝ exp(-(ln c_i - mu)^2 / (2 sigma^2)), c_i = teacher i's parameter count
+- weights:            p_i = w_i / sum_j w_j (explicit)
+
+and any family mixed with uniform: p = (1 - eps) p + eps / N.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.stats import rankdata
+
+from orchestrator.config import DistributionConfig
+from orchestrator.errors import ConfigError
+
+
+def rank_probs(scores: Sequence[float], gamma: float) -> np.ndarray:
+    """p_i = r_i^gamma / sum_j r_j^gamma with r = ascending rank of `scores` (best = N). Shape [N]."""
+    ranks = rankdata(np.asarray(scores, dtype=np.float64), method="average")
+    weights = ranks ** gamma
+    return weights / weights.sum()
+
+
+def softmax_probs(scores: Sequence[float], tau: float) -> np.ndarray:
+    """p_i = softmax(s / tau)_i. Shape [N]."""
+    z = np.asarray(scores, dtype=np.float64) / tau
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+def capacity_gaussian_probs(params: Sequence[float], mu: float | None, sigma: float) -> np.ndarray:
+    """p_i ∝ exp(-(ln c_i - mu)^2 / (2 sigma^2)); mu defaults to the mean of ln c. Shape [N]."""
+    logc = np.log(np.asarray(params, dtype=np.float64))
+    centre = logc.mean() if mu is None else mu
+    w = np.exp(-((logc - centre) ** 2) / (2 * sigma ** 2))
+    if w.sum() <= 0:
+        raise ConfigError(f"distill.distribution: capacity-gaussian with mu={mu}, sigma={sigma} gives every teacher "
+                          f"zero probability (ln parameters are {np.round(logc, 2).tolist()}); widen sigma")
+    return w / w.sum()
+
+
+def weight_probs(names: Sequence[str], weights: dict[str, float]) -> np.ndarray:
+    """Normalise explicit weights (missing teachers get 0).
+
+    Raises:
+        ConfigError: a negative weight, or all weights zero.
+    """
+    w = np.asarray([float(weights.get(n, 0.0)) for n in names], dtype=np.float64)
+    if (w < 0).any() or not np.isfinite(w).all():
+        bad = {n: weights[n] for n in names if n in weights and not (float(weights[n]) >= 0)}
+        raise ConfigError(f"distill.distribution.weights must be finite and >= 0; got {bad}")
+    if w.sum() == 0:
+        raise ConfigError("distill.distribution.weights are all zero; give at least one teacher a positive weight")
+    return w / w.sum()
+
+
+def mix_uniform(p: np.ndarray, eps: float) -> np.ndarray:
+    """p = (1 - eps) p + eps / N."""
+    return (1.0 - eps) * p + eps / len(p)
+
+
+def sampling_distribution(dist: DistributionConfig, names: Sequence[str], teacher_scores: Sequence[float],
+                          params: Sequence[float], student_scores: Sequence[float] | None = None) -> np.ndarray:
+    """The probabilities p over teachers (in `names` order) for a distribution config.
+
+    Args:
+        dist: family and shape parameters.
+        names: teacher names, [N].
+        teacher_scores: the teachers' dev metrics, [N] (teacher-rank, softmax).
+        params: parameter counts, [N] (capacity-gaussian).
+        student_scores: pre-pass student dev metrics per teacher, [N] (student-rank only).
+
+    Returns:
+        float64 [N], non-negative, sums to 1.
+
+    Raises:
+        ConfigError: bad weights, or student-rank without pre-pass scores.
+    """
+    n = len(names)
+    if dist.family == "uniform":
+        p = np.full(n, 1.0 / n)
+    elif dist.family == "teacher-rank":
+        p = rank_probs(teacher_scores, dist.gamma)
+    elif dist.family == "student-rank":
+        if student_scores is None:
+            raise ConfigError("student-rank needs the pre-pass student scores (run through `skd distill`)")
+        p = rank_probs(student_scores, dist.gamma)
+    elif dist.family == "softmax":
+        p = softmax_probs(teacher_scores, dist.tau)
+    elif dist.family == "capacity-gaussian":
+        p = capacity_gaussian_probs(params, dist.mu, dist.sigma)
+    else:
+        p = weight_probs(names, dist.weights or {})
+    return mix_uniform(p, dist.eps)
+
+
+class TeacherSampler:
+    """Draws one teacher index per step from p with its own seeded generator (numpy PCG64).
+
+    Every data-parallel rank builds it with the same seed, so all ranks ask the same teacher at a step.
+    Its state goes into every checkpoint, so a resumed run draws the same sequence as an uninterrupted one.
+
+    Args:
+        probs: [N] probabilities (validated: finite, >= 0, positive sum; renormalised).
+        seed: generator seed.
+
+    Raises:
+        ConfigError: negative, non-finite or all-zero probabilities.
+    """
+
+    def __init__(self, probs: Sequence[float], seed: int) -> None:
+        p = np.asarray(probs, dtype=np.float64)
+        if p.ndim != 1 or len(p) == 0 or not np.isfinite(p).all() or (p < 0).any():
+            raise ConfigError(f"sampling probabilities must be finite and >= 0, got {p.tolist()}")
+        if p.sum() <= 0:
+            raise ConfigError("sampling probabilities are all zero; give at least one teacher a positive weight")
+        self.probs = p / p.sum()
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+
+    def draw(self) -> int:
+        """The next teacher index in [0, N)."""
+        return int(self._rng.choice(len(self.probs), p=self.probs))
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable generator state (for checkpoints)."""
+        return self._rng.bit_generator.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state

@@ -1,0 +1,92 @@
+"""`skd teachers prepare`: fine-tune each ensemble member on the task and write the teachers manifest.
+
+Each member is trained by the same loop as the student (strategy no-kd: hard labels only), in its own
+MLflow run tagged `skd.kind=teacher`, then evaluated on dev. Members already in the manifest with an
+existing checkpoint are reused, not retrained; members with `checkpoint:` set are imported (evaluated,
+not trained).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ray
+
+from actors.manifest import TeacherInfo, read_manifest, write_manifest
+from orchestrator.config import SkdConfig, TeacherMember, flatten
+from orchestrator.errors import TeacherError
+from orchestrator.models import count_parameters, load_classifier, load_tokenizer, vocab_fingerprint
+from orchestrator.runner import Inputs, prepare_inputs, run_training, make_spec
+from orchestrator.runtime import ray_session
+from orchestrator.train_loop import evaluate
+
+
+def _info(member: TeacherMember, checkpoint: Path, inputs: Inputs, dev_metric: float, run_id: str) -> TeacherInfo:
+    model = load_classifier(str(checkpoint), inputs.spec.num_labels, regression=inputs.spec.is_regression)
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    return TeacherInfo(name=member.name, checkpoint=str(checkpoint), num_layers=int(cfg["num_hidden_layers"]),
+                       hidden_size=int(cfg["hidden_size"]), parameters=count_parameters(model),
+                       dev_metric=float(dev_metric), metric=inputs.spec.metric,
+                       vocab=vocab_fingerprint(load_tokenizer(str(checkpoint))), num_labels=inputs.spec.num_labels,
+                       task=inputs.spec.name, mlflow_run_id=run_id)
+
+
+def prepare_teachers(cfg: SkdConfig, force: bool = False) -> list[TeacherInfo]:
+    """Fine-tune (or reuse, or import) every member of `teachers.members` and write the manifest.
+
+    Args:
+        cfg: the validated config.
+        force: retrain members even when the manifest already has them.
+
+    Returns:
+        The manifest entries, in config order.
+
+    Raises:
+        DataError / TeacherError: bad data or checkpoints, raised before Ray starts.
+    """
+    path = cfg.manifest_path()
+    existing = {t.name: t for t in read_manifest(path)} if path.is_file() else {}
+    inputs = prepare_inputs(cfg, cfg.student.init)
+    for m in cfg.teachers.members:  # every init must load (fail fast, before Ray)
+        source = str(m.checkpoint) if m.checkpoint else m.init
+        if m.checkpoint is not None and not (Path(m.checkpoint) / "config.json").is_file():
+            raise TeacherError(f"teachers.members[{m.name}].checkpoint {m.checkpoint} does not exist or has no "
+                               f"config.json; point it at a save_pretrained folder")
+        if vocab_fingerprint(load_tokenizer(source)) != inputs.vocab:
+            raise TeacherError(f"teacher {m.name!r} ({source}) uses a different tokenizer vocabulary than the "
+                               f"student ({cfg.student.init}); use one model family for teachers and student")
+    results: dict[str, TeacherInfo] = {}
+    todo = []
+    for m in cfg.teachers.members:
+        prev = existing.get(m.name)
+        if prev and not force and (Path(prev.checkpoint) / "config.json").is_file() and prev.task == cfg.task:
+            print(f"[skd] teacher {m.name}: reusing {prev.checkpoint} (dev {prev.metric} {prev.dev_metric:.4f})")
+            results[m.name] = prev
+        elif m.checkpoint is not None:
+            ckpt = Path(m.checkpoint).resolve()
+            model = load_classifier(str(ckpt), inputs.spec.num_labels, regression=inputs.spec.is_regression)
+            dev = evaluate(model, inputs.dev, inputs.spec, inputs.pad_id, cfg.distill.eval_batch_size)
+            results[m.name] = _info(m, ckpt, inputs, dev[inputs.spec.metric], "")
+            print(f"[skd] teacher {m.name}: imported {ckpt} (dev {inputs.spec.metric} {dev[inputs.spec.metric]:.4f})")
+        else:
+            todo.append(m)
+    if todo:
+        ft = cfg.teachers.finetune
+        with ray_session(cfg.ray):
+            threads = int(ft.cpus_per_worker or max(1, ray.cluster_resources().get("CPU", 1)))
+            for m in todo:
+                print(f"[skd] teacher {m.name}: fine-tuning {m.init} (layers: {m.num_layers or 'all'})", flush=True)
+                spec = make_spec(cfg, inputs, ft, model_init=m.init, num_layers=m.num_layers, threads=threads)
+                out_dir = path.parent / m.name
+                params = {**flatten(ft, "finetune."), "teacher.name": m.name, "teacher.init": m.init,
+                          "teacher.num_layers": str(m.num_layers), "task": cfg.task,
+                          **flatten(cfg.data, "data.")}
+                res = run_training(cfg, spec, run_name=f"teacher-{m.name}", model_out=out_dir, params=params,
+                                   tags={"skd.kind": "teacher", "skd.task": cfg.task, "skd.teacher": m.name})
+                results[m.name] = _info(m, out_dir, inputs, res.dev[inputs.spec.metric], res.run_id)
+                write_manifest(path, [results[n] for n in results])  # progress survives an interruption
+    teachers = [results[m.name] for m in cfg.teachers.members]
+    keep = [t for n, t in existing.items() if n not in results]  # members dropped from the config stay listed
+    write_manifest(path, teachers + keep)
+    return teachers

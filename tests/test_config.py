@@ -1,0 +1,61 @@
+"""Config loading: every shipped YAML validates; unknown keys and bad values are clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import REPO_ROOT, load_config, parse_overrides
+from orchestrator.errors import ConfigError
+
+SHIPPED = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_starts_with_its_command(path: Path):
+    cfg = load_config(path)
+    assert cfg.teachers.members
+    assert path.read_text().startswith("# ") and "skd " in path.read_text().splitlines()[0]
+
+
+def test_shipped_configs_cover_the_four_tasks_and_a_cluster():
+    assert {p.stem for p in SHIPPED} >= {"sst2", "cola", "mrpc", "stsb", "cluster"}
+
+
+def test_overrides_are_typed_and_nested():
+    assert parse_overrides(["distill.alpha=0.3", "data.max_train_samples=null", "a.b.c=[1, 2]"]) == {
+        "distill": {"alpha": 0.3}, "data": {"max_train_samples": None}, "a": {"b": {"c": [1, 2]}}}
+    cfg = load_config(REPO_ROOT / "configs" / "sst2.yaml", ["distill.alpha=0.25", "distill.strategy=average"])
+    assert cfg.distill.alpha == 0.25 and cfg.distill.strategy == "average"
+
+
+def test_unknown_key_names_field_and_suggests_fix():
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO_ROOT / "configs" / "sst2.yaml", ["distill.temprature=3"])
+    assert "distill.temprature: unknown setting (did you mean 'temperature'?)" in str(err.value)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("distill.alpha=1.5", "distill.alpha"),
+    ("distill.temperature=0", "distill.temperature"),
+    ("distill.strategy=best", "unknown strategy 'best'"),
+    ("distill.strategy=single:nobody", "not in teachers.members"),
+    ("distill.distribution.family=zipf", "distill.distribution.family"),
+    ("distill.distribution.family=weights", "needs distill.distribution.weights"),
+    ("distill.distribution.weights={ghost: 1}", "unknown teachers ['ghost']"),
+    ("distill.distribution.eps=2", "distill.distribution.eps"),
+])
+def test_bad_values_name_the_field(override, fragment):
+    with pytest.raises(ConfigError, match="invalid config") as err:
+        load_config(REPO_ROOT / "configs" / "sst2.yaml", [override])
+    assert fragment in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [sst2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(REPO_ROOT / "configs" / "sst2.yaml", ["distill.alpha"])

@@ -1,0 +1,115 @@
+"""GLUE readers on the real shared files, custom files, and malformed-input errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.config import DataConfig
+from orchestrator.data import encode, load_split
+from orchestrator.errors import DataError
+from orchestrator.metrics import glue_metrics
+from orchestrator.data import GLUE_TASKS
+from orchestrator.models import load_tokenizer
+
+# rows per split, from ../shared/data/glue/SOURCES.md
+EXPECTED = {"sst2": (67349, 872), "cola": (8551, 1043), "mrpc": (3668, 408), "stsb": (5749, 1500)}
+
+
+@pytest.mark.parametrize("task", EXPECTED)
+def test_glue_splits_have_documented_sizes(task):
+    data = DataConfig()
+    train, dev = load_split(task, data, "train"), load_split(task, data, "dev")
+    assert (len(train), len(dev)) == EXPECTED[task]
+    assert (train.text_b is None) == (task in ("sst2", "cola"))
+    if task == "stsb":
+        assert dev.labels.dtype == np.float32 and 0 <= dev.labels.min() and dev.labels.max() <= 5
+    else:
+        assert set(np.unique(train.labels)) == {0, 1}
+
+
+def test_mrpc_bom_header_and_cola_headerless_rows():
+    mrpc = load_split("mrpc", DataConfig(), "dev")
+    assert not mrpc.text_a[0].startswith("\ufeff") and len(mrpc.text_b) == 408
+    cola = load_split("cola", DataConfig(), "dev")
+    assert cola.text_a[0] and cola.labels[0] in (0, 1)
+
+
+def test_subset_is_seeded_and_keeps_ids():
+    a = load_split("sst2", DataConfig(max_train_samples=100, shuffle_seed=3), "train")
+    b = load_split("sst2", DataConfig(max_train_samples=100, shuffle_seed=3), "train")
+    c = load_split("sst2", DataConfig(max_train_samples=100, shuffle_seed=4), "train")
+    assert a.text_a == b.text_a and a.text_a != c.text_a and len(a) == 100
+    full = load_split("sst2", DataConfig(), "train")
+    assert all(full.text_a[i] == t for i, t in zip(a.ids, a.text_a))
+
+
+def test_glue_dir_env_setting(tmp_path, monkeypatch):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "dev.tsv").write_text('sentence\tlabel\na "quoted" film\t1\nbad\t0\n')
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path))
+    dev = load_split("sst2", DataConfig(), "dev")
+    assert dev.text_a == ['a "quoted" film', "bad"] and dev.labels.tolist() == [1, 0]
+
+
+def _glue(tmp_path: Path, body: str) -> DataConfig:
+    (tmp_path / "SST-2").mkdir(exist_ok=True)
+    (tmp_path / "SST-2" / "train.tsv").write_text(body)
+    return DataConfig(glue_dir=tmp_path)
+
+
+def test_missing_file_names_setting(tmp_path):
+    with pytest.raises(DataError, match="set data.glue_dir"):
+        load_split("sst2", DataConfig(glue_dir=tmp_path), "train")
+
+
+def test_malformed_row_names_file_and_line(tmp_path):
+    with pytest.raises(DataError, match=r"train.tsv:3: malformed row"):
+        load_split("sst2", _glue(tmp_path, "sentence\tlabel\ngood\t1\nno label here\n"), "train")
+
+
+def test_unknown_label_value(tmp_path):
+    with pytest.raises(DataError, match=r"label 'positive', expected one of \['0', '1'\]"):
+        load_split("sst2", _glue(tmp_path, "sentence\tlabel\ngood\tpositive\n"), "train")
+
+
+def test_wrong_header(tmp_path):
+    with pytest.raises(DataError, match="header lacks column"):
+        load_split("sst2", _glue(tmp_path, "text\ty\ngood\t1\n"), "train")
+
+
+def test_unknown_task():
+    with pytest.raises(DataError, match="unknown task 'sst3'"):
+        load_split("sst3", DataConfig(), "train")
+
+
+def test_custom_csv_pairs_and_labels(tmp_path):
+    f = tmp_path / "train.csv"
+    f.write_text('q,a,y\n"hi, there",hello,yes\nwhat,"no, never",no\n')
+    data = DataConfig(source="files", train_file=f, dev_file=f, text_column="q", text_pair_column="a",
+                      label_column="y", labels=["no", "yes"])
+    ex = load_split("custom", data, "train")
+    assert ex.text_a == ["hi, there", "what"] and ex.text_b == ["hello", "no, never"]
+    assert ex.labels.tolist() == [1, 0]
+    with pytest.raises(DataError, match="needs data.labels"):
+        load_split("custom", data.model_copy(update={"labels": None}), "train")
+
+
+def test_encode_truncates_and_batches_pad_to_longest():
+    ex = load_split("mrpc", DataConfig(max_dev_samples=5), "dev")
+    enc = encode(ex, load_tokenizer("minilm"), max_length=16)
+    assert max(len(x) for x in enc.input_ids) <= 16
+    b = enc.batch([0, 1, 2], pad_id=0)
+    assert b["input_ids"].shape == b["attention_mask"].shape and b["input_ids"].shape[0] == 3
+    assert (b["attention_mask"].sum(1) == [len(enc.input_ids[i]) for i in range(3)]).all()
+
+
+def test_metrics_match_known_values():
+    spec = GLUE_TASKS["cola"]
+    logits = np.array([[0, 1], [1, 0], [0, 1], [0, 1]], dtype=float)
+    m = glue_metrics(spec, logits, np.array([1, 0, 0, 1]))
+    assert m["accuracy"] == 0.75 and abs(m["mcc"] - 0.5773502691896258) < 1e-9
+    m = glue_metrics(GLUE_TASKS["mrpc"], logits, np.array([1, 0, 0, 1]))
+    assert abs(m["f1"] - 0.8) < 1e-9
+    s = glue_metrics(GLUE_TASKS["stsb"], np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0]))
+    assert s["spearman"] == 1.0 and 0.98 < s["pearson"] < 1.0

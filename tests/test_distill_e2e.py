@@ -1,0 +1,119 @@
+"""End to end on a real local Ray cluster and a real MLflow store, with tiny random BERTs.
+
+One module-scoped cluster; teachers are prepared once for the module.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from actors.manifest import read_manifest
+from orchestrator.distill import run_distill
+from orchestrator.teachers import prepare_teachers
+from tests.conftest import tiny_raw
+from orchestrator.config import load_config
+
+
+@pytest.fixture(scope="module")
+def env(ray_cluster, tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+
+    def cfg(*overrides: str):
+        return load_config(None, list(overrides), base=tiny_raw(tmp, tiny_model))
+
+    teachers = prepare_teachers(cfg())
+    client = MlflowClient(cfg().tracking_uri())
+    exp = client.get_experiment_by_name("skd-test").experiment_id
+    return {"cfg": cfg, "teachers": teachers, "client": client, "exp": exp}
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def runs(env, kind):
+    return env["client"].search_runs([env["exp"]], f"tags.`skd.kind` = '{kind}'")
+
+
+def test_prepare_writes_manifest_and_one_finished_run_per_teacher(env):
+    teachers = read_manifest(env["cfg"]().manifest_path())
+    assert [t.name for t in teachers] == ["t4", "t2"]
+    assert [t.num_layers for t in teachers] == [4, 2] and teachers[0].parameters > teachers[1].parameters
+    assert all(0 <= t.dev_metric <= 1 for t in teachers)
+    teacher_runs = runs(env, "teacher")
+    assert len(teacher_runs) == 2 and {r.info.status for r in teacher_runs} == {"FINISHED"}
+    # already-prepared teachers are reused, not retrained
+    prepare_teachers(env["cfg"]())
+    assert len(runs(env, "teacher")) == 2
+
+
+def test_distill_skd_logs_everything_and_saves_a_loadable_student(env):
+    from transformers import AutoModelForSequenceClassification
+
+    res = run_distill(env["cfg"]("distill.distribution.family=weights", "distill.distribution.weights={t4: 3, t2: 1}"))
+    client = env["client"]
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED" and res.status == "FINISHED"
+    params = run.data.params
+    assert params["distill.alpha"] == "0.5" and params["distill.temperature"] == "2.0"
+    assert json.loads(params["distill.probs"]) == [0.75, 0.25]
+    assert run.data.tags["skd.task"] == "sst2" and run.data.tags["skd.distribution"] == "weights"
+    teachers = history(client, res.run_id, "train/teacher")
+    assert [s for s, _ in teachers] == list(range(1, 9)) and {v for _, v in teachers} <= {0.0, 1.0}
+    assert len(history(client, res.run_id, "train/loss")) == 8
+    assert len(history(client, res.run_id, "train/knowledge_wait_s")) == 8
+    assert history(client, res.run_id, "train/samples_per_s")
+    # per-teacher sample counts agree with the sampled sequence (8 examples a step)
+    n_t4 = sum(v == 0.0 for _, v in teachers)
+    assert res.counts == {"t4": 8 * n_t4, "t2": 8 * (8 - n_t4)}
+    assert history(client, res.run_id, "teacher_samples/t4")[-1][1] == 8 * n_t4
+    dev = history(client, res.run_id, "dev/accuracy")
+    assert [s for s, _ in dev] == [4, 8]
+    best = max(t.dev_metric for t in env["teachers"])
+    assert history(client, res.run_id, "dev/retention")[-1][1] == pytest.approx(dev[-1][1] / best)
+    artifacts = {a.path for a in client.list_artifacts(res.run_id, "plots")}
+    assert artifacts == {"plots/sampling_distribution.png", "plots/learning_curves.png"}
+    model = AutoModelForSequenceClassification.from_pretrained(res.model_dir)
+    assert model.config.num_hidden_layers == 1
+    logged = client.search_logged_models([env["exp"]], filter_string=f"source_run_id = '{res.run_id}'")
+    assert len(logged) == 1
+
+
+def test_resume_reproduces_the_teacher_sequence_and_losses(env):
+    client = env["client"]
+    full = run_distill(env["cfg"]("mlflow.run_name=uninterrupted"))
+    stopped = run_distill(env["cfg"]("mlflow.run_name=interrupted"), stop_after=4)
+    assert stopped.status == "KILLED" and client.get_run(stopped.run_id).info.status == "KILLED"
+    resumed = run_distill(env["cfg"]("mlflow.run_name=interrupted"), resume=True)
+    assert resumed.run_id == stopped.run_id and resumed.status == "FINISHED"
+    assert len(client.search_runs([env["exp"]], "tags.`mlflow.runName` = 'interrupted'")) == 1
+    assert history(client, resumed.run_id, "train/teacher") == history(client, full.run_id, "train/teacher")
+    a = np.array([v for _, v in history(client, full.run_id, "train/loss")])
+    b = np.array([v for _, v in history(client, resumed.run_id, "train/loss")])
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    assert resumed.counts == full.counts
+
+
+def test_average_baseline_asks_every_teacher(env):
+    res = run_distill(env["cfg"]("distill.strategy=average", "distill.max_steps=4"))
+    assert res.status == "FINISHED" and res.counts == {"t4": 32, "t2": 32}
+    assert {v for _, v in history(env["client"], res.run_id, "train/teacher")} == {-1.0}
+
+
+def test_student_rank_prepass_is_recorded_and_reused(env):
+    args = ("distill.distribution.family=student-rank", "distill.distribution.prepass_steps=4", "distill.max_steps=4")
+    res = run_distill(env["cfg"](*args))
+    prepass = runs(env, "prepass")
+    assert len(prepass) == 2 and {r.info.status for r in prepass} == {"FINISHED"}
+    scores = {r.data.tags["skd.teacher"]: r.data.metrics["dev/accuracy"] for r in prepass}
+    probs = json.loads(env["client"].get_run(res.run_id).data.params["distill.probs"])
+    from scipy.stats import rankdata
+
+    ranks = rankdata([scores["t4"], scores["t2"]])
+    np.testing.assert_allclose(probs, ranks / ranks.sum(), atol=1e-6)
+    run_distill(env["cfg"](*args, "mlflow.run_name=student-rank-again"))
+    assert len(runs(env, "prepass")) == 2  # reused, not retrained

@@ -1,0 +1,55 @@
+"""The teacher pool on a real Ray cluster: actor answers equal in-process ones; placement is checked."""
+
+import numpy as np
+import pytest
+
+from actors.knowledge import KnowledgeRequest, TokenBatch
+from actors.manifest import TeacherInfo
+from actors.pool import PlacementPlan, TeacherPool
+from actors.teacher import Teacher
+from orchestrator.errors import SkdError
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_model):
+    return [TeacherInfo(name=n, checkpoint=str(tiny_model), num_layers=4, hidden_size=32, parameters=1, dev_metric=0.5,
+                        metric="accuracy", vocab="", num_labels=2, task="sst2") for n in ("a", "b")]
+
+
+def batch(seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, 2000, size=(4, 9))
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    return TokenBatch(ids, mask, np.arange(4))
+
+
+def test_actor_knowledge_equals_in_process(ray_cluster, teachers):
+    pool = TeacherPool.start(teachers, [0, 1], num_cpus=0.25, num_gpus=0, threads=1, regression=False)
+    try:
+        local = Teacher(0, teachers[0].checkpoint, 2, device="cpu")
+        want = local.knowledge(batch()).logits
+        got = pool.knowledge(0, batch())
+        assert got.teacher == 0 and got.logits.shape == (4, 2) and got.wait_s >= 0
+        np.testing.assert_allclose(got.logits, want, rtol=1e-5, atol=1e-6)
+        avg = pool.submit_average(batch()).result()
+        assert avg.teacher == -1
+        np.testing.assert_allclose(avg.logits, want, rtol=1e-5, atol=1e-6)  # two copies of one model
+        half = pool.knowledge(1, batch(), KnowledgeRequest(wire_dtype="float16"))
+        assert half.logits.dtype == np.float16
+    finally:
+        pool.shutdown()
+
+
+def test_placement_is_checked_before_actors_start():
+    plan = PlacementPlan(teachers=4, teacher_cpus=1, teacher_gpus=1, workers=1, worker_cpus=1, worker_gpus=0)
+    with pytest.raises(SkdError, match="need 4 GPUs: 4 for 4 teachers .* cluster has 2"):
+        plan.check({"CPU": 16, "GPU": 2})
+    plan.check({"CPU": 16, "GPU": 4})
+
+
+def test_token_batch_consistency_check():
+    with pytest.raises(ValueError, match="must both be"):
+        TokenBatch(np.zeros((2, 3), np.int64), np.zeros((2, 4), np.int64), np.arange(2)).check()
+    with pytest.raises(ValueError, match="integer"):
+        TokenBatch(np.zeros((2, 3)), np.zeros((2, 3)), np.arange(2)).check()

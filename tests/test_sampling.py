@@ -1,0 +1,89 @@
+"""Sampling distributions against their formulas, and the sampler's frequencies and state."""
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from orchestrator.config import DistributionConfig
+from orchestrator.errors import ConfigError
+from orchestrator.sampling import TeacherSampler, sampling_distribution
+
+NAMES = ["big", "mid", "small"]
+SCORES = [0.86, 0.83, 0.79]  # dev accuracy: big best
+PARAMS = [22.7e6, 19.5e6, 17.9e6]
+
+
+def dist(**kw):
+    return sampling_distribution(DistributionConfig(**kw), NAMES, SCORES, PARAMS, student_scores=[0.70, 0.78, 0.76])
+
+
+def test_uniform():
+    np.testing.assert_allclose(dist(family="uniform"), [1 / 3] * 3)
+
+
+def test_teacher_rank_linear_and_gamma():
+    # ascending ranks: small=1, mid=2, big=3
+    np.testing.assert_allclose(dist(family="teacher-rank"), [3 / 6, 2 / 6, 1 / 6])
+    np.testing.assert_allclose(dist(family="teacher-rank", gamma=2), [9 / 14, 4 / 14, 1 / 14])
+    np.testing.assert_allclose(dist(family="teacher-rank", gamma=0), [1 / 3] * 3)
+
+
+def test_student_rank_uses_student_scores():
+    # student scores 0.70, 0.78, 0.76 -> ranks big=1, mid=3, small=2
+    np.testing.assert_allclose(dist(family="student-rank"), [1 / 6, 3 / 6, 2 / 6])
+
+
+def test_rank_ties_share_average_rank():
+    p = sampling_distribution(DistributionConfig(family="teacher-rank"), NAMES, [0.8, 0.8, 0.7], PARAMS)
+    np.testing.assert_allclose(p, [2.5 / 6, 2.5 / 6, 1 / 6])
+
+
+def test_softmax_over_scores():
+    tau = 0.05
+    z = np.exp(np.array(SCORES) / tau)
+    np.testing.assert_allclose(dist(family="softmax", tau=tau), z / z.sum())
+
+
+def test_capacity_gaussian_prefers_teachers_near_mu():
+    mu = np.log(17.9e6)
+    p = dist(family="capacity-gaussian", mu=mu, sigma=0.1)
+    w = np.exp(-((np.log(PARAMS) - mu) ** 2) / (2 * 0.1 ** 2))
+    np.testing.assert_allclose(p, w / w.sum())
+    assert p.argmax() == 2
+
+
+def test_weights_and_uniform_mixing():
+    p = dist(family="weights", weights={"big": 3, "small": 1}, eps=0.2)
+    np.testing.assert_allclose(p, 0.8 * np.array([0.75, 0.0, 0.25]) + 0.2 / 3)
+
+
+@pytest.mark.parametrize("weights, fragment", [({"big": -1, "mid": 2}, ">= 0"), ({"big": 0, "mid": 0}, "all zero")])
+def test_bad_weights_are_clear_errors(weights, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        dist(family="weights", weights=weights)
+
+
+@pytest.mark.parametrize("probs", [[-0.1, 1.1], [0.0, 0.0], [float("nan"), 1.0]])
+def test_sampler_rejects_bad_probabilities(probs):
+    with pytest.raises(ConfigError):
+        TeacherSampler(probs, seed=0)
+
+
+def test_sampler_frequencies_match_p():
+    p = np.array([0.5, 0.3, 0.2])
+    sampler = TeacherSampler(p, seed=1234)
+    draws = np.array([sampler.draw() for _ in range(20000)])
+    observed = np.bincount(draws, minlength=3)
+    # a wrong sampler (e.g. uniform) gives p ~ 0; the right one passes at the 0.1% level with this seed
+    assert chisquare(observed, p * len(draws)).pvalue > 1e-3
+    assert chisquare(observed, np.full(3, len(draws) / 3)).pvalue < 1e-6
+
+
+def test_sampler_state_round_trip_reproduces_sequence():
+    a = TeacherSampler([0.2, 0.5, 0.3], seed=7)
+    [a.draw() for _ in range(13)]
+    state = a.state_dict()
+    expected = [a.draw() for _ in range(50)]
+    b = TeacherSampler([0.2, 0.5, 0.3], seed=999)
+    b.load_state_dict(state)
+    assert [b.draw() for _ in range(50)] == expected
