@@ -1,0 +1,30 @@
+# make demo: set up .venv and run the main job on SST-2 (local Ray, SQLite MLflow, packaged MiniLM).
+# make test: set up .venv and run the test suite (what .ci/run calls).
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench ui clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel; an unpinned torch would pull GBs of CUDA packages
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/skd teachers prepare -c configs/sst2.yaml
+	$(BIN)/skd distill -c configs/sst2.yaml
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/step_bench.py
+
+ui: $(VENV)/.installed
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf runs mlflow.db mlartifacts
