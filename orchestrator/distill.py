@@ -144,7 +144,9 @@ def _figures(plan: Plan, metric: str):
 
 
 def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None = None,
-                stop_after: int | None = None, pool: TeacherPool | None = None) -> RunResult:
+                stop_after: int | None = None, pool: TeacherPool | None = None,
+                student_scores: list[float] | None = None, report_to_tune: bool = False,
+                extra_tags: dict[str, str] | None = None, register_as: str | None = "default") -> RunResult:
     """The main job (see module docstring).
 
     Args:
@@ -153,6 +155,10 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
         resume_from: start from this checkpoint folder instead (a new MLflow run).
         stop_after: stop after this many steps, leaving the run resumable (status KILLED).
         pool: an existing teacher pool to use (Tune campaigns share one); default: start and stop one.
+        student_scores: precomputed student-rank scores (a campaign computes them once for all trials).
+        report_to_tune: forward dev metrics to the enclosing Ray Tune trial.
+        extra_tags: more MLflow tags (a trial's parent run, trial id).
+        register_as: MLflow registered-model name for the student; "default" = skd-<task>-student, None = log only.
 
     Returns:
         `RunResult` with dev metrics, retention, wall time, throughput and per-teacher counts.
@@ -177,7 +183,7 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
                                      threads=tc.threads, regression=inputs.spec.is_regression, plan=placement)
         try:
             if plan.family == "student-rank":
-                scores = student_rank_scores(cfg, inputs, plan, pool)
+                scores = student_scores or student_rank_scores(cfg, inputs, plan, pool)
                 plan.probs = sampling_distribution(cfg.distill.distribution, [t.name for t in plan.teachers],
                                                    [t.dev_metric for t in plan.teachers],
                                                    [t.parameters for t in plan.teachers], scores).tolist()
@@ -188,10 +194,11 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
             params = flatten(cfg)
             params["distill.probs"] = json.dumps([round(p, 6) for p in plan.probs]) if plan.probs else "none"
             tags = {"skd.kind": "distill", "skd.task": cfg.task, "skd.strategy": cfg.distill.strategy,
-                    "skd.distribution": plan.family}
+                    "skd.distribution": plan.family, **(extra_tags or {})}
             return run_training(cfg, spec, run_name=plan.run_name, tags=tags, params=params, resume=resume,
                                 model_out=cfg.out_dir() / "students" / plan.run_name,
-                                figures=_figures(plan, inputs.spec.metric), register_as=f"skd-{cfg.task}-student")
+                                figures=_figures(plan, inputs.spec.metric), report_to_tune=report_to_tune,
+                                register_as=f"skd-{cfg.task}-student" if register_as == "default" else register_as)
         finally:
             if own_pool:
                 pool.shutdown()

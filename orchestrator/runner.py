@@ -92,25 +92,26 @@ def make_spec(cfg: SkdConfig, inputs: Inputs, opt: Any, *, model_init: str, num_
         lr=opt.lr, batch_size=opt.batch_size, epochs=opt.epochs, max_steps=opt.max_steps,
         warmup_ratio=opt.warmup_ratio, weight_decay=opt.weight_decay, seed=opt.seed, alpha=d.alpha,
         temperature=d.temperature, eval_every=d.eval_every, checkpoint_every=d.checkpoint_every,
-        log_every=d.log_every, eval_batch_size=d.eval_batch_size, prefetch=d.prefetch, tracking_uri="",
+        log_every=d.log_every, eval_batch_size=d.eval_batch_size, prefetch=d.prefetch, gsnr_every=d.gsnr_every,
+        gsnr_probe_size=d.gsnr_probe_size, tracking_uri="",
         run_id="", threads=threads)
     fields.update(overrides)
     return TrainSpec(**fields)
 
 
-def find_resumable_run(client, experiment_id: str, run_name: str) -> Any | None:
-    """The newest run with this name that did not finish (the one `--resume` continues), or None."""
+def find_resumable_run(client, experiment_id: str, run_name: str, tag: str = "skd.ray_run") -> Any | None:
+    """The newest run with this name that did not finish and carries `tag` (where its state lives), or None."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
                               order_by=["attributes.start_time DESC"], max_results=20)
     for run in runs:
-        if run.info.status != "FINISHED" and run.data.tags.get("skd.ray_run"):
+        if run.info.status != "FINISHED" and run.data.tags.get(tag):
             return run
     return None
 
 
 def run_training(cfg: SkdConfig, spec: TrainSpec, *, run_name: str, tags: dict[str, str],
                  params: dict[str, str], model_out: Path, resume: bool = False,
-                 figures: Any = None, register_as: str | None = None) -> RunResult:
+                 figures: Any = None, register_as: str | None = None, report_to_tune: bool = False) -> RunResult:
     """Run one Ray Train job inside one MLflow run.
 
     Args:
@@ -122,6 +123,7 @@ def run_training(cfg: SkdConfig, spec: TrainSpec, *, run_name: str, tags: dict[s
         resume: continue the newest unfinished run named `run_name` from its latest checkpoint.
         figures: optional callable(client, run_id, result, tmpdir) -> list of image paths to log.
         register_as: register the final model under this MLflow model name (None: log only).
+        report_to_tune: forward every `ray.train.report` to the enclosing Ray Tune trial.
 
     Returns:
         `RunResult`.
@@ -132,6 +134,7 @@ def run_training(cfg: SkdConfig, spec: TrainSpec, *, run_name: str, tags: dict[s
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
+    from ray.tune.integration.ray_train import TuneReportCallback
     from ray.train.torch import TorchTrainer
 
     uri = cfg.tracking_uri()
@@ -159,7 +162,8 @@ def run_training(cfg: SkdConfig, spec: TrainSpec, *, run_name: str, tags: dict[s
                                      resources_per_worker={"CPU": float(spec.threads)}),
         run_config=RunConfig(name=ray_name, storage_path=str(cfg.storage_path()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             logging_config=LoggingConfig(log_level="ERROR")),
+                             logging_config=LoggingConfig(log_level="ERROR"),
+                             callbacks=[TuneReportCallback()] if report_to_tune else None),
     )
     status = "FAILED"
     started = time.perf_counter()

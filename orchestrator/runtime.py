@@ -16,6 +16,10 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # print each worker line once, as it happens
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every worker print is echoed twice
+# Ray Train gives a worker group 60 s to start; on a busy 2-core machine worker processes (torch and
+# transformers imports, rate-limited process starts) can take longer, and a timed-out start leaks its
+# placement group, so later trials wait forever. Give starts 10 minutes.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import torch
 from actors.knowledge import TokenBatch
 from orchestrator.checkpointing import load_training_state, model_state, save_training_state
 from orchestrator.data import Encoded, TaskSpec
+from orchestrator.gsnr import probe_gsnr
 from orchestrator.losses import distillation_loss
 from orchestrator.metrics import glue_metrics
 from orchestrator.sampling import TeacherSampler
@@ -43,6 +44,7 @@ class TrainSpec:
         teacher_names: [N]; best_teacher_metric: for retention (None: not reported).
         lr .. eval_batch_size: optimisation settings (see `DistillConfig`).
         tracking_uri / run_id: the MLflow run the driver opened.
+        gsnr_every / gsnr_probe_size: GSNR probe interval (steps) and probe size (first training rows).
         stop_after: end early after this step, leaving a resumable checkpoint (preemptible runs).
         resume_from: an explicit checkpoint folder to start from when Ray Train has none.
         threads: torch threads per worker on CPU.
@@ -76,6 +78,8 @@ class TrainSpec:
     prefetch: bool
     tracking_uri: str
     run_id: str
+    gsnr_every: int | None = None
+    gsnr_probe_size: int = 16
     stop_after: int | None = None
     resume_from: str | None = None
     threads: int = 1
@@ -104,13 +108,18 @@ class _Batches:
         self.data, self.pad_id, self.gb, self.world, self.rank = data, pad_id, batch_size * world, world, rank
         self.seed, self.per_epoch = seed, per_epoch
         self._perm: tuple[int, np.ndarray] | None = None
+        self._built: dict[int, dict[str, np.ndarray]] = {}  # the prefetch builds step t+1 before the loop needs it
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
+        if step in self._built:
+            return self._built[step]
         epoch, i = divmod(step, self.per_epoch)
         if self._perm is None or self._perm[0] != epoch:
             self._perm = (epoch, np.random.default_rng(self.seed + epoch).permutation(len(self.data)))
         rows = self._perm[1][i * self.gb: (i + 1) * self.gb]
-        return self.data.batch(rows[self.rank:: self.world], self.pad_id)
+        self._built = {k: v for k, v in self._built.items() if k >= step - 1}
+        self._built[step] = self.data.batch(rows[self.rank:: self.world], self.pad_id)
+        return self._built[step]
 
 
 def evaluate(model, data: Encoded, spec: TaskSpec, pad_id: int, batch_size: int) -> dict[str, float]:
@@ -263,6 +272,11 @@ def train_loop(spec: TrainSpec) -> None:
             logger.flush()
             print(f"[skd] eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                                           if k.startswith("dev/")), flush=True)
+        if spec.gsnr_every and step % spec.gsnr_every == 0 and rank == 0:
+            t0 = time.perf_counter()
+            probe = train_data.batch(np.arange(min(spec.gsnr_probe_size, len(train_data))), spec.pad_id)
+            stats = probe_gsnr(core, probe, spec.spec.is_regression, device)
+            logger.log({**stats, "gsnr/seconds": time.perf_counter() - t0}, step)
         if step in ckpts or stopping or step in evals:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None

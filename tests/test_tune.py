@@ -1,0 +1,122 @@
+"""Tuning campaigns on a real local Ray cluster and MLflow store, with tiny random BERTs."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import load_config
+from orchestrator.errors import ConfigError
+from orchestrator.teachers import prepare_teachers
+from tests.conftest import tiny_raw
+from tuning.campaign import _searcher, run_campaign, validate_space
+from tuning.space import Dimension, TuneSection
+
+SPACE = {"family": {"choice": ["uniform", "teacher-rank"]}, "alpha": {"uniform": [0.3, 0.7]},
+         "lr": {"loguniform": [5.0e-4, 2.0e-3]}}
+
+
+@pytest.fixture(scope="module")
+def ray4():
+    """A local cluster with 4 logical CPUs (what `skd tune` starts on a 2-core machine), stopped by this process."""
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def campaign(ray4, tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    raw = tiny_raw(tmp, tiny_model, distill={"max_steps": 8, "batch_size": 8, "log_every": 4, "eval_every": 2,
+                                             "gsnr_every": 4, "gsnr_probe_size": 4},
+                   tune={"space": SPACE, "num_samples": 3, "scheduler": "asha", "grace_period": 1,
+                         "reduction_factor": 2, "seed": 3})
+    cfg = load_config(None, base=raw)
+    prepare_teachers(cfg)
+    before = _teacher_actors()
+    result = run_campaign(cfg)
+    return {"cfg": cfg, "raw": raw, "result": result, "client": MlflowClient(cfg.tracking_uri()),
+            "actors_created": _teacher_actors() - before}
+
+
+def _teacher_actors() -> int:
+    """Teacher actors ever created in this cluster (from the GCS actor table)."""
+    return sum(a["ActorClassName"].endswith("Teacher") for a in ray._private.state.actors().values())
+
+
+def test_pool_is_created_once_for_all_trials(campaign):
+    assert len(campaign["result"].trials) == 3
+    assert campaign["actors_created"] == 2  # t4 and t2, once, not once per trial
+
+
+def test_parent_and_child_runs(campaign):
+    client, res = campaign["client"], campaign["result"]
+    parent = client.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["skd.kind"] == "campaign"
+    assert parent.data.params["scheduler"] == "asha" and "family" in parent.data.params["search_space"]
+    assert parent.data.tags["skd.best_trial"] == res.best["trial_id"]
+    assert parent.data.tags["best.family"] == res.best["param.family"] and f"best/{res.metric}" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(res.parent_run_id)}
+    assert "trials.csv" in artifacts
+    plots = {a.path for a in client.list_artifacts(res.parent_run_id, "plots")}
+    assert {"plots/metric_vs_params.png", "plots/best_so_far.png", "plots/gsnr_by_family.png",
+            "plots/best_distribution.png"} <= plots
+    children = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert len(children) == 3
+    for child in children:
+        assert child.info.status in ("FINISHED", "KILLED")  # never left RUNNING
+        assert child.info.run_name == f"trial-{child.data.tags['skd.trial_id']}"
+        assert "distill.alpha" in child.data.params and "dev/accuracy" in child.data.metrics
+        assert any(k.startswith("gsnr/encoder.layer.0/") for k in child.data.metrics)
+    statuses = {t["trial_id"]: t["status"] for t in res.trials}
+    by_id = {c.data.tags["skd.trial_id"]: c.info.status for c in children}
+    assert statuses == by_id
+    evals = {t["trial_id"]: t["evaluations"] for t in res.trials}
+    assert all((evals[i] == 4) == (s == "FINISHED") for i, s in statuses.items())
+
+
+def test_resume_does_not_duplicate_runs(campaign):
+    client, res = campaign["client"], campaign["result"]
+    client.set_terminated(res.parent_run_id, "KILLED")  # as if the driver died after the trials ended
+    again = run_campaign(load_config(None, base=campaign["raw"]), resume=True)
+    assert again.parent_run_id == res.parent_run_id
+    assert client.get_run(res.parent_run_id).info.status == "FINISHED"
+    children = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert len(children) == 3
+    assert len(client.search_runs([res.experiment_id], "tags.`skd.kind` = 'campaign'")) == 1
+    with pytest.raises(Exception, match="no unfinished campaign"):
+        run_campaign(load_config(None, base=campaign["raw"]), resume=True)
+
+
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_search_is_seeded_and_reproducible(ray4, search):
+    from ray import tune
+
+    section = TuneSection(space={"alpha": Dimension(uniform=(0.0, 1.0)), "lr": Dimension(loguniform=(1e-5, 1e-3))},
+                          search=search, seed=11, num_samples=4)
+
+    def sample():
+        def objective(config):
+            tune.report({"score": config["alpha"]})
+        tuner = tune.Tuner(objective, param_space={k: d.domain() for k, d in section.space.items()},
+                           tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=4,
+                                                       search_alg=_searcher(section),
+                                                       max_concurrent_trials=None if search == "random" else 1))
+        return sorted((r.config["alpha"], r.config["lr"]) for r in tuner.fit())
+    assert sample() == sample()
+
+
+def test_bad_ranges_are_clear_errors(tiny_model, tmp_path):
+    def cfg(space):
+        return load_config(None, base=tiny_raw(tmp_path, tiny_model, tune={"space": space}))
+    with pytest.raises(ConfigError, match="low < high"):
+        cfg({"alpha": {"uniform": [0.8, 0.2]}})
+    with pytest.raises(ConfigError, match="unknown search dimensions"):
+        cfg({"alpah": {"uniform": [0.1, 0.2]}})
+    with pytest.raises(ConfigError, match="tune.space.alpha: value 1.5"):
+        c = cfg({"alpha": {"uniform": [0.5, 1.5]}})
+        validate_space(c, c.tune)
+    with pytest.raises(ConfigError, match="(?s)tune.space.family: value 'weights'.*needs distill.distribution.weights"):
+        c = cfg({"family": {"choice": ["uniform", "weights"]}})
+        validate_space(c, c.tune)
