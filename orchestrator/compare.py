@@ -12,12 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from actors.manifest import read_manifest, validate_teachers
-from actors.pool import TeacherPool
 from orchestrator.config import SkdConfig, load_config
-from orchestrator.distill import plan_run, run_distill
+from orchestrator.distill import plan_run, run_distill, start_teacher_pool
 from orchestrator.errors import ConfigError
 from orchestrator.runner import RunResult, prepare_inputs
-from orchestrator.runtime import cluster_gpus, ray_session
+from orchestrator.runtime import ray_session
 
 
 def variant_overrides(variant: str) -> list[str]:
@@ -78,10 +77,7 @@ def run_comparison(cfg: SkdConfig, config_path: str | None, variants: list[str],
                                  cfg.task, inputs.spec.num_labels, inputs.vocab)
     results: dict[str, list[RunResult]] = {v: [] for v in variants}
     with ray_session(cfg.ray):
-        tc = cfg.teachers
-        gpus = (1.0 if cluster_gpus() > 0 else 0.0) if tc.num_gpus == "auto" else float(tc.num_gpus)
-        pool = TeacherPool.start(teachers, list(range(len(teachers))), num_cpus=tc.num_cpus, num_gpus=gpus,
-                                 threads=tc.threads, regression=inputs.spec.is_regression)
+        pool = start_teacher_pool(cfg, teachers, list(range(len(teachers))), inputs.spec.is_regression)
         try:
             for (v, s), c in configs.items():
                 print(f"[skd] compare: {v} seed {s}", flush=True)

@@ -13,8 +13,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from actors.manifest import TeacherInfo, read_manifest, validate_teachers
 from actors.pool import PlacementPlan, TeacherPool
 from orchestrator import tracking
@@ -143,6 +141,24 @@ def _figures(plan: Plan, metric: str):
     return make
 
 
+def start_teacher_pool(cfg: SkdConfig, teachers: list[TeacherInfo], active: list[int], regression: bool,
+                       student_workers: int | None = None) -> TeacherPool:
+    """Start the actors of `active` teachers with the config's resources (one GPU each when the cluster
+    has GPUs and `teachers.num_gpus` is auto), after checking the placement of teachers and student workers.
+
+    Raises:
+        SkdError: the cluster cannot hold the teachers plus `student_workers` (default `ray.num_workers`).
+    """
+    tc = cfg.teachers
+    gpus = (1.0 if cluster_gpus() > 0 else 0.0) if tc.num_gpus == "auto" else float(tc.num_gpus)
+    worker_gpus = 1.0 if cfg.ray.use_gpu is True or (cfg.ray.use_gpu == "auto" and cluster_gpus() > 0) else 0.0
+    workers = cfg.ray.num_workers if student_workers is None else student_workers
+    placement = PlacementPlan(len(active), tc.num_cpus, gpus, workers, cfg.ray.cpus_per_worker, worker_gpus)
+    print(f"[skd] starting {len(active)} teacher actor(s): {', '.join(teachers[i].name for i in active)}", flush=True)
+    return TeacherPool.start(teachers, active, num_cpus=tc.num_cpus, num_gpus=gpus, threads=tc.threads,
+                             regression=regression, plan=placement)
+
+
 def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None = None,
                 stop_after: int | None = None, pool: TeacherPool | None = None,
                 student_scores: list[float] | None = None, report_to_tune: bool = False,
@@ -172,15 +188,7 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
     with ray_session(cfg.ray):
         own_pool = pool is None and plan.active
         if own_pool:
-            tc = cfg.teachers
-            gpus = (1.0 if cluster_gpus() > 0 else 0.0) if tc.num_gpus == "auto" else float(tc.num_gpus)
-            worker_gpus = 1.0 if cfg.ray.use_gpu is True or (cfg.ray.use_gpu == "auto" and cluster_gpus() > 0) else 0.0
-            placement = PlacementPlan(len(plan.active), tc.num_cpus, gpus, cfg.ray.num_workers,
-                                      cfg.ray.cpus_per_worker, worker_gpus)
-            print(f"[skd] starting {len(plan.active)} teacher actor(s): "
-                  f"{', '.join(plan.teachers[i].name for i in plan.active)}", flush=True)
-            pool = TeacherPool.start(plan.teachers, plan.active, num_cpus=tc.num_cpus, num_gpus=gpus,
-                                     threads=tc.threads, regression=inputs.spec.is_regression, plan=placement)
+            pool = start_teacher_pool(cfg, plan.teachers, plan.active, inputs.spec.is_regression)
         try:
             if plan.family == "student-rank":
                 scores = student_scores or student_rank_scores(cfg, inputs, plan, pool)
@@ -203,9 +211,3 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
             if own_pool:
                 pool.shutdown()
 
-
-def probs_table(plan_probs: list[float] | None, names: list[str]) -> str:
-    """`name=p` pairs for printing."""
-    if not plan_probs:
-        return "-"
-    return ", ".join(f"{n}={p:.3f}" for n, p in zip(names, np.round(plan_probs, 3)))

@@ -24,11 +24,11 @@ from actors.manifest import read_manifest, validate_teachers
 from actors.pool import TeacherPool
 from orchestrator import tracking
 from orchestrator.config import SkdConfig, load_config
-from orchestrator.distill import plan_run, run_distill, student_rank_scores
+from orchestrator.distill import plan_run, run_distill, start_teacher_pool, student_rank_scores
 from orchestrator.errors import ConfigError, SkdError
 from orchestrator.models import resolve_model
 from orchestrator.runner import find_resumable_run, prepare_inputs
-from orchestrator.runtime import cluster_gpus, ray_session
+from orchestrator.runtime import ray_session
 from tuning.space import KEYS, TuneSection, to_overrides
 
 
@@ -160,11 +160,9 @@ def run_campaign(cfg: SkdConfig, *, resume: bool = False) -> CampaignResult:
         # set explicitly), so give a local campaign cluster headroom.
         ray_cfg = ray_cfg.model_copy(update={"num_cpus": max(os.cpu_count() or 1, 2 * section.max_concurrent + 2)})
     with ray_session(ray_cfg):
-        tc = cfg.teachers
-        gpus = (1.0 if cluster_gpus() > 0 else 0.0) if tc.num_gpus == "auto" else float(tc.num_gpus)
-        print(f"[skd] campaign {name}: one teacher pool of {len(teachers)} actors shared by all trials", flush=True)
-        pool = TeacherPool.start(teachers, list(range(len(teachers))), num_cpus=tc.num_cpus, num_gpus=gpus,
-                                 threads=tc.threads, regression=inputs.spec.is_regression)
+        print(f"[skd] campaign {name}: one teacher pool shared by all trials", flush=True)
+        pool = start_teacher_pool(cfg, teachers, list(range(len(teachers))), inputs.spec.is_regression,
+                                  student_workers=cfg.ray.num_workers * section.max_concurrent)
         try:
             families = section.space["family"].extremes() if "family" in section.space else [plan.family]
             scores = student_rank_scores(cfg, inputs, plan, pool) if "student-rank" in families else None
