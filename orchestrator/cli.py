@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator import runtime  # noqa: F401  (sets quiet Ray/MLflow environment defaults first)
-from orchestrator.config import DataConfig, load_config
+from orchestrator.config import DataConfig, MlflowConfig, load_config
 from orchestrator.errors import SkdError
 
 app = typer.Typer(help="Stochastic knowledge distillation (SKDBERT) of BERT-style models on Ray, tracked in MLflow.",
@@ -165,16 +165,13 @@ def runs(config: Annotated[Optional[Path], typer.Option("-c", "--config", help="
 
     try:
         cfg = load_config(config) if config else None
-        uri = tracking_uri or (cfg.tracking_uri() if cfg else load_config(None, base=_MINIMAL).tracking_uri())
+        uri = tracking_uri or (cfg.tracking_uri() if cfg else MlflowConfig().resolved_uri())
         exp = experiment or (cfg.experiment_name() if cfg else None)
         if exp is None:
             raise SkdError("skd runs: pass -c CONFIG or --experiment NAME")
         list_runs(uri, exp, console, limit)
     except SkdError as exc:
         _fail(exc)
-
-
-_MINIMAL = {"task": "sst2", "teachers": {"members": [{"name": "t"}]}}
 
 
 @app.command()

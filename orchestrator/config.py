@@ -186,6 +186,13 @@ class MlflowConfig(_Strict):
     experiment: str | None = Field(None, description="Default: skd-<task>.")
     run_name: str | None = None
 
+    def resolved_uri(self) -> str:
+        """`tracking_uri` with a relative sqlite path made absolute against the working directory."""
+        prefix = "sqlite:///"
+        if self.tracking_uri.startswith(prefix) and not self.tracking_uri.startswith(prefix + "/"):
+            return prefix + str(Path(self.tracking_uri[len(prefix):]).expanduser().resolve())
+        return self.tracking_uri
+
 
 class SkdConfig(_Strict):
     """The whole configuration of one task: data, teachers, student, distillation, Ray and MLflow."""
@@ -236,11 +243,7 @@ class SkdConfig(_Strict):
 
     def tracking_uri(self) -> str:
         """The MLflow tracking URI with a relative sqlite path made absolute (workers run elsewhere)."""
-        uri = self.mlflow.tracking_uri
-        prefix = "sqlite:///"
-        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-            return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
-        return uri
+        return self.mlflow.resolved_uri()
 
 
 # Loading ----------------------------------------------------------------------------------------
