@@ -123,7 +123,7 @@ def compare(config: ConfigOpt, set_: SetOpt = None,
 @app.command()
 def tune(config: ConfigOpt, set_: SetOpt = None,
          num_samples: Annotated[Optional[int], typer.Option(help="Trials (default: tune.num_samples).")] = None,
-         scheduler: Annotated[Optional[str], typer.Option(help="asha | fifo (default: tune.scheduler).")] = None,
+         scheduler: Annotated[Optional[str], typer.Option(help="asha | fifo | pbt (default: tune.scheduler).")] = None,
          search: Annotated[Optional[str], typer.Option(help="random | optuna (default: tune.search).")] = None,
          max_concurrent: Annotated[Optional[int], typer.Option(help="Trials at once (default: tune.max_concurrent).")] = None,
          resume: Annotated[bool, typer.Option(help="Continue the newest unfinished campaign of this name.")] = False):

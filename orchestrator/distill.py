@@ -162,7 +162,8 @@ def start_teacher_pool(cfg: SkdConfig, teachers: list[TeacherInfo], active: list
 def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None = None,
                 stop_after: int | None = None, pool: TeacherPool | None = None,
                 student_scores: list[float] | None = None, report_to_tune: bool = False,
-                extra_tags: dict[str, str] | None = None, register_as: str | None = "default") -> RunResult:
+                extra_tags: dict[str, str] | None = None, register_as: str | None = "default",
+                continue_run: str | None = None, inputs: Inputs | None = None) -> RunResult:
     """The main job (see module docstring).
 
     Args:
@@ -175,6 +176,9 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
         report_to_tune: forward dev metrics to the enclosing Ray Tune trial.
         extra_tags: more MLflow tags (a trial's parent run, trial id).
         register_as: MLflow registered-model name for the student; "default" = skd-<task>-student, None = log only.
+        continue_run: log into this existing MLflow run with a fresh Ray Train run from `resume_from` (the
+            next segment of a PBT trial); params are not logged again.
+        inputs: already tokenized inputs (a PBT trial prepares them once for all its segments).
 
     Returns:
         `RunResult` with dev metrics, retention, wall time, throughput and per-teacher counts.
@@ -182,7 +186,7 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
     Raises:
         SkdError (ConfigError, DataError, TeacherError): bad input, before any Ray resources are taken.
     """
-    inputs = prepare_inputs(cfg, cfg.student.init)
+    inputs = inputs or prepare_inputs(cfg, cfg.student.init)
     plan = plan_run(cfg, inputs)
     best = max((t.dev_metric for t in plan.teachers), default=None)
     with ray_session(cfg.ray):
@@ -206,7 +210,8 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
             return run_training(cfg, spec, run_name=plan.run_name, tags=tags, params=params, resume=resume,
                                 model_out=cfg.out_dir() / "students" / plan.run_name,
                                 figures=_figures(plan, inputs.spec.metric), report_to_tune=report_to_tune,
-                                register_as=f"skd-{cfg.task}-student" if register_as == "default" else register_as)
+                                register_as=f"skd-{cfg.task}-student" if register_as == "default" else register_as,
+                                continue_run=continue_run)
         finally:
             if own_pool:
                 pool.shutdown()

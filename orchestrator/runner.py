@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class RunResult:
         dev: final dev metrics (e.g. {"accuracy": 0.81}); retention: student/best-teacher metric or None.
         wall_s: seconds from trainer start to end; samples_per_s: mean training throughput.
         counts: examples served per teacher name; model_dir: the final `save_pretrained` folder.
+        steps: the last step trained; checkpoint: folder of the latest Ray Train checkpoint (None: none).
     """
 
     run_id: str
@@ -73,6 +75,7 @@ class RunResult:
     counts: dict[str, int] = field(default_factory=dict)
     model_dir: Path | None = None
     steps: int = 0
+    checkpoint: str | None = None
 
 
 def make_spec(cfg: SkdConfig, inputs: Inputs, opt: Any, *, model_init: str, num_layers: int | None,
@@ -111,7 +114,8 @@ def find_resumable_run(client, experiment_id: str, run_name: str, tag: str = "sk
 
 def run_training(cfg: SkdConfig, spec: TrainSpec, *, run_name: str, tags: dict[str, str],
                  params: dict[str, str], model_out: Path, resume: bool = False,
-                 figures: Any = None, register_as: str | None = None, report_to_tune: bool = False) -> RunResult:
+                 figures: Any = None, register_as: str | None = None, report_to_tune: bool = False,
+                 continue_run: str | None = None) -> RunResult:
     """Run one Ray Train job inside one MLflow run.
 
     Args:
@@ -124,6 +128,8 @@ def run_training(cfg: SkdConfig, spec: TrainSpec, *, run_name: str, tags: dict[s
         figures: optional callable(client, run_id, result, tmpdir) -> list of image paths to log.
         register_as: register the final model under this MLflow model name (None: log only).
         report_to_tune: forward every `ray.train.report` to the enclosing Ray Tune trial.
+        continue_run: log into this existing MLflow run (a PBT trial's next segment) with a fresh Ray Train
+            run, starting from `spec.resume_from`; params and tags are not logged again.
 
     Returns:
         `RunResult`.
@@ -140,7 +146,11 @@ def run_training(cfg: SkdConfig, spec: TrainSpec, *, run_name: str, tags: dict[s
     uri = cfg.tracking_uri()
     client = tracking.MlflowClient(uri)
     exp_id = tracking.ensure_experiment(uri, cfg.experiment_name(), tracking.default_artifact_root(uri))
-    if resume:
+    if continue_run:
+        run_id = continue_run
+        ray_name = f"{run_name}-{run_id[:8]}-{uuid.uuid4().hex[:6]}"  # never restores another segment's state
+        client.update_run(run_id, status="RUNNING")
+    elif resume:
         previous = find_resumable_run(client, exp_id, run_name)
         if previous is None:
             raise SkdError(f"--resume: no unfinished run named {run_name!r} in experiment "
@@ -172,7 +182,8 @@ def run_training(cfg: SkdConfig, spec: TrainSpec, *, run_name: str, tags: dict[s
         metrics = result.metrics or {}
         done = bool(metrics.get("done"))
         out = RunResult(run_id, run_name, "FINISHED" if done else "KILLED", wall_s=time.perf_counter() - started,
-                        steps=int(metrics.get("step", 0)))
+                        steps=int(metrics.get("step", 0)),
+                        checkpoint=result.checkpoint.path if result.checkpoint is not None else None)
         out.dev = {k.split("/", 1)[1]: float(v) for k, v in metrics.items()
                    if k.startswith("dev/") and k != "dev/retention"}
         out.retention = metrics.get("dev/retention")

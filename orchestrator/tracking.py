@@ -60,6 +60,12 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
         client.log_batch(run_id, params=items[i: i + 100])
 
 
+def log_metrics(client: MlflowClient, run_id: str, values: dict[str, float], step: int) -> None:
+    """Log several metrics at one step in one batch."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+
 class MetricLogger:
     """Batched metric logging into an existing run; a no-op on ranks other than 0.
 

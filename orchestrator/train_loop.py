@@ -186,8 +186,15 @@ def train_loop(spec: TrainSpec) -> None:
             model.load_state_dict(model_state(Path(path)))
             state = load_training_state(Path(path), optimizer, scheduler)
         start, counts = state["step"], state["counts"]
-        if sampler is not None:
+        if sampler is not None and state.get("sampler") is not None:
+            # the generator's position only: a PBT exploit keeps the donor's stream with its own distribution
             sampler.load_state_dict(state["sampler"])
+        if scheduler.base_lrs and not math.isclose(scheduler.base_lrs[0], spec.lr, rel_tol=1e-9):
+            # a checkpoint saved under another peak lr (PBT exploit): keep the schedule's position, rescale it
+            scale = spec.lr / scheduler.base_lrs[0]
+            scheduler.base_lrs = [spec.lr] * len(scheduler.base_lrs)
+            for group in optimizer.param_groups:
+                group["initial_lr"], group["lr"] = spec.lr, group["lr"] * scale
         if rank == 0:
             print(f"[skd] resumed at step {start}/{total}", flush=True)
     model = ray.train.torch.prepare_model(model)

@@ -120,3 +120,34 @@ def test_bad_ranges_are_clear_errors(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="(?s)tune.space.family: value 'weights'.*needs distill.distribution.weights"):
         c = cfg({"family": {"choice": ["uniform", "weights"]}})
         validate_space(c, c.tune)
+
+
+def test_pbt_trials_train_in_segments_and_exploit_with_state(campaign):
+    """PBT: each trial is one MLflow run through all its segments; an exploited trial continues from the
+    donor's checkpoint (teacher counts carry over) with perturbed values logged as hp/ metrics."""
+    base = campaign["raw"]
+    raw = {**base, "distill": {**base["distill"], "max_steps": 12, "eval_every": 4, "gsnr_every": None},
+           "mlflow": {**base["mlflow"], "run_name": "pbt"},
+           "tune": {"space": {"alpha": {"uniform": [0.3, 0.7]}, "lr": {"loguniform": [5.0e-4, 2.0e-3]}},
+                    "num_samples": 2, "scheduler": "pbt", "quantile_fraction": 0.5, "max_concurrent": 2,
+                    "seed": 5}}
+    client = campaign["client"]
+    res = run_campaign(load_config(None, base=raw))
+    children = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    lr_values = []
+    for child in children:
+        rid = child.info.run_id
+        served = sum(child.data.metrics[f"teacher_samples/{n}"] for n in ("t4", "t2"))
+        assert served == 12 * 8  # counts restored from each segment's checkpoint, never restarted
+        hist = client.get_metric_history(rid, "hp/lr")
+        assert {m.step for m in hist} >= {0, 4, 8}  # one record per segment start
+        lr_values.append({m.value for m in hist})
+        assert all(0.3 <= m.value <= 0.7 for m in client.get_metric_history(rid, "hp/alpha"))  # explore clamps
+    assert any(len(v) > 1 for v in lr_values), "no trial was exploited/perturbed"
+    assert all(t["status"] == "FINISHED" for t in res.trials)
+
+
+def test_pbt_needs_random_search(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="pbt .*search random"):
+        load_config(None, base=tiny_raw(tmp_path, tiny_model, tune={"scheduler": "pbt", "search": "optuna"}))

@@ -10,12 +10,22 @@ campaign report to the parent run.
 Each trial's function builds its own TorchTrainer (Tune wraps a driver function, never the trainer);
 trial MLflow runs are named after the Tune trial id, so a restored campaign (`--resume`) reopens them
 instead of creating duplicates.
+
+PBT (population based training) needs what Ray Train V2's TuneReportCallback does not pass: a Tune
+checkpoint. A PBT trial (`pbt_trial_fn`) therefore trains in segments, one per perturbation interval:
+each segment is a Ray Train run of the same loop from the previous segment's checkpoint (`resume_from`,
+`stop_after`), logged into the trial's one MLflow run, and ends with `tune.report(..., checkpoint=...)`.
+When PBT exploits, the trial restarts from a better trial's checkpoint (model, optimizer, schedule and
+the sampler's generator state) with perturbed values, so the sampling distribution can change during
+training (a curriculum over teachers); each segment's values are logged as `hp/<name>` metrics.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +37,7 @@ from orchestrator.config import SkdConfig, load_config
 from orchestrator.distill import plan_run, run_distill, start_teacher_pool, student_rank_scores
 from orchestrator.errors import ConfigError, SkdError
 from orchestrator.models import resolve_model
+from orchestrator.checkpointing import STATE_FILE
 from orchestrator.runner import find_resumable_run, prepare_inputs
 from orchestrator.runtime import ray_session
 from tuning.space import KEYS, TuneSection, to_overrides
@@ -79,6 +90,67 @@ def trial_fn(config: dict[str, Any], *, base: dict[str, Any], pool: TeacherPool,
                 register_as=None)
 
 
+def segment_stops(total: int, eval_every: int | None, interval: int) -> list[int]:
+    """Steps at which a PBT trial's segments end: every `interval`-th evaluation step, and the last step."""
+    from orchestrator.train_loop import eval_steps
+
+    evals = sorted(eval_steps(total, eval_every))
+    return sorted(set(evals[interval - 1::interval]) | {total})
+
+
+def pbt_trial_fn(config: dict[str, Any], *, base: dict[str, Any], pool: TeacherPool, parent_run_id: str,
+                 student_scores: list[float] | None, interval: int) -> None:
+    """One PBT trial: `skd distill`'s loop in segments of `interval` evaluations (see module docstring).
+
+    Each segment reports the dev metrics and the segment's final Ray Train checkpoint to Tune; a trial that
+    PBT restarts (exploit) or a restored campaign starts from `tune.get_checkpoint()`.
+    """
+    from ray import tune
+    from orchestrator.train_loop import plan_steps
+
+    trial_id = tune.get_context().get_trial_id()
+    run_name = f"trial-{trial_id}"
+    cfg = load_config(None, [*to_overrides(config), f"mlflow.run_name={run_name}"], base=base)
+    inputs = prepare_inputs(cfg, cfg.student.init)
+    d = cfg.distill
+    _, total = plan_steps(len(inputs.train), d.batch_size, cfg.ray.num_workers, d.epochs, d.max_steps)
+    client = tracking.MlflowClient(cfg.tracking_uri())
+    exp_id = tracking.ensure_experiment(cfg.tracking_uri(), cfg.experiment_name(),
+                                        tracking.default_artifact_root(cfg.tracking_uri()))
+    found = client.search_runs([exp_id], f"tags.`skd.trial_id` = '{trial_id}'", max_results=1)
+    run_id = found[0].info.run_id if found else None  # a restarted trial keeps its one MLflow run
+    tmp = Path(tempfile.mkdtemp(prefix="skd-pbt-"))
+    try:
+        start, ckpt_dir = 0, None
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            ckpt_dir = checkpoint.to_directory(str(tmp / "start"))
+            start = int(json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["state"]["step"])
+        previous_segment: Path | None = None
+        for stop in [s for s in segment_stops(total, d.eval_every, interval) if s > start]:
+            res = run_distill(cfg, resume_from=ckpt_dir, stop_after=stop if stop < total else None, pool=pool,
+                              student_scores=student_scores, register_as=None, continue_run=run_id, inputs=inputs,
+                              extra_tags={"mlflow.parentRunId": parent_run_id, "skd.kind": "trial",
+                                          "skd.trial_id": trial_id, "skd.scheduler": "pbt"})
+            run_id = res.run_id
+            values = {f"hp/{k}": float(v) for k, v in config.items() if isinstance(v, (int, float))}
+            tracking.log_metrics(client, run_id, values, step=start)  # the values in force from `start` on
+            client.set_tag(run_id, f"pbt.config.step{start:06d}", json.dumps(config, sort_keys=True))
+            if res.checkpoint is None:
+                raise SkdError(f"PBT segment {start}->{stop} of {run_name} left no checkpoint")
+            metrics = {"step": res.steps, "done": float(res.steps >= total),
+                       **{f"dev/{k}": v for k, v in res.dev.items()}}
+            if res.retention is not None:
+                metrics["dev/retention"] = res.retention
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(res.checkpoint))
+            if previous_segment is not None:  # Tune keeps its own copy of every reported checkpoint
+                shutil.rmtree(previous_segment, ignore_errors=True)
+            previous_segment = Path(res.checkpoint).parent
+            ckpt_dir, start = res.checkpoint, res.steps
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @dataclass
 class CampaignResult:
     """The campaign's parent run, its trials (one dict each: id, params, metric, status, run id) and the best."""
@@ -103,7 +175,18 @@ def _searcher(section: TuneSection):
 
 
 def _scheduler(section: TuneSection):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    if section.scheduler == "pbt":
+        space = section.space
+
+        def explore(config: dict[str, Any]) -> dict[str, Any]:
+            return {k: space[k].clamp(v) if k in space else v for k, v in config.items()}
+
+        # one Tune report per segment (= perturbation_interval evaluations), see pbt_trial_fn
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=1,
+                                       hyperparam_mutations={k: d.domain() for k, d in space.items()},
+                                       quantile_fraction=section.quantile_fraction, custom_explore_fn=explore)
 
     if section.scheduler == "asha":
         # time in evaluations (Tune's training_iteration = one report per dev evaluation)
@@ -166,9 +249,11 @@ def run_campaign(cfg: SkdConfig, *, resume: bool = False) -> CampaignResult:
         try:
             families = section.space["family"].extremes() if "family" in section.space else [plan.family]
             scores = student_rank_scores(cfg, inputs, plan, pool) if "student-rank" in families else None
+            fn, extra = (pbt_trial_fn, {"interval": section.perturbation_interval}) \
+                if section.scheduler == "pbt" else (trial_fn, {})
             trainable = tune.with_resources(
-                tune.with_parameters(trial_fn, base=absolute_raw(cfg), pool=pool, parent_run_id=parent_id,
-                                     student_scores=scores), {"CPU": 0.01})  # the trial driver only waits
+                tune.with_parameters(fn, base=absolute_raw(cfg), pool=pool, parent_run_id=parent_id,
+                                     student_scores=scores, **extra), {"CPU": 0.01})  # the trial driver only waits
             if resume and tune.Tuner.can_restore(tune_dir):
                 tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
             else:

@@ -64,6 +64,15 @@ class Dimension(BaseModel):
             return list(self.choice)
         return list(self.uniform or self.loguniform or self.randint)
 
+    def clamp(self, value: Any) -> Any:
+        """`value` moved back into the dimension's range (PBT's explore multiplies values by 0.8 or 1.2,
+        which can leave it); choices pass through."""
+        bounds = self.uniform or self.loguniform or self.randint
+        if bounds is None:
+            return value
+        value = min(max(value, bounds[0]), bounds[1] if self.randint is None else bounds[1] - 1)
+        return int(round(value)) if self.randint is not None else float(value)
+
     def domain(self):
         """The Ray Tune sampling domain."""
         from ray import tune
@@ -103,18 +112,25 @@ class TuneSection(BaseModel):
     metric: str | None = Field(None, description="Reported metric to optimise. Default: dev/<task metric>.")
     mode: str = Field("max", pattern="^(max|min)$")
     num_samples: int = Field(8, gt=0)
-    scheduler: str = Field("asha", pattern="^(asha|fifo)$")
+    scheduler: str = Field("asha", pattern="^(asha|fifo|pbt)$",
+                           description="asha (stop weak trials early) | fifo | pbt (population based training)")
     search: str = Field("random", pattern="^(random|optuna)$")
     max_concurrent: int = Field(1, gt=0)
     seed: int = 0
     grace_period: int = Field(1, gt=0, description="ASHA: evaluations a trial always gets before it can stop.")
     reduction_factor: float = Field(2.0, gt=1)
+    perturbation_interval: int = Field(1, gt=0, description="PBT: evaluations between exploit/explore steps.")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5,
+                                     description="PBT: bottom fraction of trials that copy a top trial's checkpoint.")
 
     @model_validator(mode="after")
     def _known_names(self) -> "TuneSection":
         unknown = sorted(set(self.space) - set(KEYS))
         if unknown:
             raise ValueError(f"unknown search dimensions {unknown}; tunable: {', '.join(KEYS)}")
+        if self.scheduler == "pbt" and self.search != "random":
+            raise ValueError("scheduler pbt samples and mutates the space itself: use search random "
+                             "(--search random), not optuna")
         return self
 
 
