@@ -6,8 +6,7 @@ writing). `TokenBatch.check()` enforces shape and dtype consistency at both ends
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -47,31 +46,203 @@ class TokenBatch:
         return int(self.input_ids.shape[0])
 
 
+OUTPUTS = ("logits", "hidden", "attentions", "cls")  # canonical order
+LAYER_OUTPUTS = ("hidden", "attentions", "cls")
+TOKEN_MODES = ("all", "first", "cls-attention", "cls-attention-no-sep")
+WIDTH_MODES = ("all", "random", "even", "magnitude")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class KnowledgeRequest:
-    """What a teacher should return for a batch.
+    """What a teacher should return for a batch, and which hidden-state knowledge to keep.
+
+    `KnowledgeRequest()` asks for soft labels only, in float32. Hidden states, attentions and [CLS]
+    states are served at the teacher layers that the student layers map to (depth), for K tokens
+    (length) and a fraction of the dims (width), selected on the teacher (Liu et al. 2021; see
+    `actors.selection`). Settings that the requested outputs do not use are ignored (e.g. `width` when
+    only attentions are asked for), so `subset` can drop outputs without touching the selection.
 
     Attributes:
-        outputs: which outputs; this release serves soft labels ("logits").
-        wire_dtype: dtype of floating arrays on the wire.
+        outputs: subset of "logits", "hidden", "attentions", "cls" (non-empty, no repeats).
+        student_layers: 1-based student layers that receive hidden/attention/cls losses, ascending.
+        student_num_layers: L_s; each teacher maps layer l to round(l * L_t / L_s) (half up), clamped.
+        tokens: all | first | cls-attention | cls-attention-no-sep.
+        num_tokens: K (required unless tokens == "all", where it must be None).
+        sep_token_id: the [SEP] id, required for cls-attention-no-sep.
+        width: all | random | even | magnitude.
+        width_fraction: fraction of the teacher's hidden dims kept, (0, 1]; 1.0 when width == "all".
+        width_seed: seed of the fixed random set (>= 0).
+        wire_dtype: dtype of floating arrays on the wire (bfloat16 travels as float32 after rounding).
     """
 
-    outputs: tuple[Literal["logits"], ...] = ("logits",)
-    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    outputs: tuple[str, ...] = ("logits",)
+    student_layers: tuple[int, ...] = ()
+    student_num_layers: int = 0
+    tokens: str = "all"
+    num_tokens: int | None = None
+    sep_token_id: int | None = None
+    width: str = "all"
+    width_fraction: float = 1.0
+    width_seed: int = 0
+    wire_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # lists from YAML/JSON become tuples so the request stays hashable
+        if isinstance(self.outputs, str):
+            object.__setattr__(self, "outputs", (self.outputs,))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "student_layers", tuple(self.student_layers))
+
+    @property
+    def needs_layers(self) -> bool:
+        """Whether any per-layer output (hidden, attentions, cls) is requested."""
+        return any(o in LAYER_OUTPUTS for o in self.outputs)
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether token selection applies (hidden or attentions requested)."""
+        return "hidden" in self.outputs or "attentions" in self.outputs
+
+    def check(self) -> "KnowledgeRequest":
+        """Validate every field and combination; returns self.
+
+        Raises:
+            ValueError: naming the field and the fix, e.g. unknown outputs, layer outputs without
+                student_layers, num_tokens missing for a token mode, a bad width fraction.
+        """
+        if not self.outputs:
+            raise ValueError(f"outputs is empty: ask for at least one of {OUTPUTS}")
+        unknown = [o for o in self.outputs if o not in OUTPUTS]
+        if unknown:
+            raise ValueError(f"outputs has unknown {unknown}: choose from {OUTPUTS}")
+        if len(set(self.outputs)) != len(self.outputs):
+            raise ValueError(f"outputs {self.outputs} repeats an entry: list each output once")
+        if not all(isinstance(l, (int, np.integer)) and not isinstance(l, bool) for l in self.student_layers):
+            raise ValueError(f"student_layers {self.student_layers} must be integers")
+        if not isinstance(self.student_num_layers, (int, np.integer)) or self.student_num_layers < 0:
+            raise ValueError(f"student_num_layers = {self.student_num_layers} must be an integer >= 0")
+        if self.needs_layers:
+            if not self.student_layers:
+                raise ValueError(f"outputs {self.outputs} need student_layers: name the 1-based student layers "
+                                 f"that receive hidden/attention/cls losses, e.g. (L_s,)")
+            if self.student_num_layers < 1:
+                raise ValueError("student_num_layers must be set (>= 1) when hidden/attentions/cls are requested, "
+                                 "so each teacher can map student layers to its own depth")
+        if self.student_layers:
+            if list(self.student_layers) != sorted(set(self.student_layers)):
+                raise ValueError(f"student_layers {self.student_layers} must be strictly ascending without repeats")
+            if self.student_num_layers < 1 or not (1 <= self.student_layers[0]
+                                                   and self.student_layers[-1] <= self.student_num_layers):
+                raise ValueError(f"student_layers {self.student_layers} must lie in [1, student_num_layers = "
+                                 f"{self.student_num_layers}]: fix the layers or set student_num_layers to L_s")
+        if self.tokens not in TOKEN_MODES:
+            raise ValueError(f"tokens = {self.tokens!r}: choose from {TOKEN_MODES}")
+        if self.tokens == "all":
+            if self.num_tokens is not None:
+                raise ValueError(f"num_tokens = {self.num_tokens} has no effect with tokens = 'all': set num_tokens "
+                                 f"to None or pick tokens = 'first' / 'cls-attention' / 'cls-attention-no-sep'")
+        elif not isinstance(self.num_tokens, (int, np.integer)) or isinstance(self.num_tokens, bool) \
+                or self.num_tokens < 1:
+            raise ValueError(f"num_tokens = {self.num_tokens!r} must be an integer >= 1 (K) for tokens = "
+                             f"{self.tokens!r}")
+        if self.tokens == "cls-attention-no-sep" and self.sep_token_id is None:
+            raise ValueError("sep_token_id is required for tokens = 'cls-attention-no-sep': pass "
+                             "tokenizer.sep_token_id")
+        if self.width not in WIDTH_MODES:
+            raise ValueError(f"width = {self.width!r}: choose from {WIDTH_MODES}")
+        if not isinstance(self.width_fraction, (int, float)) or not 0.0 < self.width_fraction <= 1.0:
+            raise ValueError(f"width_fraction = {self.width_fraction!r} must be in (0, 1]")
+        if self.width == "all" and self.width_fraction != 1.0:
+            raise ValueError(f"width_fraction = {self.width_fraction} needs a width mode: set width to "
+                             f"'random', 'even' or 'magnitude', or width_fraction to 1.0")
+        if not isinstance(self.width_seed, (int, np.integer)) or self.width_seed < 0:
+            raise ValueError(f"width_seed = {self.width_seed!r} must be an integer >= 0")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype = {self.wire_dtype!r}: choose from {WIRE_DTYPES}")
+        return self
+
+    def fingerprint(self) -> dict:
+        """A canonical JSON-able dict of all fields (outputs in canonical order), for cache keys."""
+        return {
+            "outputs": [o for o in OUTPUTS if o in self.outputs],
+            "student_layers": [int(l) for l in self.student_layers],
+            "student_num_layers": int(self.student_num_layers),
+            "tokens": self.tokens,
+            "num_tokens": None if self.num_tokens is None else int(self.num_tokens),
+            "sep_token_id": None if self.sep_token_id is None else int(self.sep_token_id),
+            "width": self.width,
+            "width_fraction": float(self.width_fraction),
+            "width_seed": int(self.width_seed),
+            "wire_dtype": self.wire_dtype,
+        }
+
+    def subset(self, outputs: tuple[str, ...] | None = None,
+               student_layers: tuple[int, ...] | None = None) -> "KnowledgeRequest":
+        """The same selection with fewer outputs and/or layers (e.g. one schedule stage's layers).
+
+        Args:
+            outputs: a subset of `self.outputs`; None keeps them.
+            student_layers: a subset of `self.student_layers`; None keeps them. An empty tuple drops the
+                per-layer outputs (hidden, attentions, cls).
+
+        Returns:
+            A checked `KnowledgeRequest`.
+
+        Raises:
+            ValueError: outputs or layers not in this request, or the result fails `check`.
+        """
+        outputs = self.outputs if outputs is None else tuple(outputs)
+        layers = self.student_layers if student_layers is None else tuple(sorted(student_layers))
+        extra = [o for o in outputs if o not in self.outputs]
+        if extra:
+            raise ValueError(f"subset outputs {extra} are not in this request's outputs {self.outputs}")
+        extra = [l for l in layers if l not in self.student_layers]
+        if extra:
+            raise ValueError(f"subset student_layers {extra} are not in this request's {self.student_layers}")
+        if not layers:
+            outputs = tuple(o for o in outputs if o not in LAYER_OUTPUTS)
+        return replace(self, outputs=outputs, student_layers=layers).check()
 
 
 @dataclass
 class Knowledge:
     """A teacher's answer for one batch.
 
+    Shapes: B batch, L its sequence length, C classes, k requested student layers, K kept tokens,
+    W kept dims (D_t when width == "all"), H_t and D_t the serving teacher's heads and hidden size.
+    Floating arrays are in the request's wire dtype (bfloat16 travels as float32).
+
     Attributes:
         teacher: the serving teacher's index in the pool.
-        logits: [B, C] float (soft labels before temperature); [B, 1] for regression.
+        logits: [B, C] float (soft labels before temperature); [B, 1] for regression. None when the
+            request did not ask for logits.
         compute_s: seconds the teacher spent in its forward pass (excludes queueing and transfer).
         wait_s: seconds the caller blocked waiting for it (set by the pool on receipt).
+        layers: [k] int64 teacher `hidden_states` indices (1..L_t) serving `request.student_layers`
+            in order (attention of layer l is the l-th block's self-attention).
+        hidden: [B, k, K, W] selected hidden states; slots with token_mask 0 hold position 0's values.
+        token_index: [B, K] int64 positions into L; unused slots 0. Present with hidden or attentions.
+        token_mask: [B, K] int64, 1 for kept real tokens (a short example has trailing 0s).
+        width_index: [B, k, W] int64 kept dims, ascending; None when width == "all".
+        attentions: [B, k, H_t, K, L] attention probabilities of the kept query tokens over all keys.
+        cls: [B, k, D_t] full-width [CLS] hidden state at the mapped layers.
     """
 
     teacher: int
-    logits: np.ndarray
+    logits: np.ndarray | None
     compute_s: float
     wait_s: float = field(default=0.0)
+    layers: np.ndarray | None = None
+    hidden: np.ndarray | None = None
+    token_index: np.ndarray | None = None
+    token_mask: np.ndarray | None = None
+    width_index: np.ndarray | None = None
+    attentions: np.ndarray | None = None
+    cls: np.ndarray | None = None
+
+    ARRAYS = ("logits", "layers", "hidden", "token_index", "token_mask", "width_index", "attentions", "cls")
+
+    def nbytes(self) -> int:
+        """Bytes of all arrays present (what crosses the wire or lands in the cache)."""
+        return int(sum(getattr(self, name).nbytes for name in self.ARRAYS if getattr(self, name) is not None))

@@ -7,6 +7,7 @@ it to Ray Train workers and Tune trials: teachers load once per pool, never per 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -67,8 +68,7 @@ class PendingKnowledge:
         parts: list[Knowledge] = ray.get(self._refs)
         wait = time.perf_counter() - start
         if len(parts) == 1:
-            k = parts[0]
-            return Knowledge(k.teacher, k.logits, k.compute_s, wait)
+            return dataclasses.replace(parts[0], wait_s=wait)  # every requested output, as served
         logits = np.mean([p.logits.astype(np.float32) for p in parts], axis=0)  # [B, C]
         return Knowledge(-1, logits, max(p.compute_s for p in parts), wait)
 

@@ -7,13 +7,26 @@ import time
 import numpy as np
 import torch
 
+from actors import selection
 from actors.knowledge import Knowledge, KnowledgeRequest, TokenBatch
+
+
+def to_wire(t: torch.Tensor, wire_dtype: str) -> np.ndarray:
+    """A float tensor as a numpy array in the wire dtype (bfloat16 is rounded, then travels as float32)."""
+    t = t.float()
+    if wire_dtype == "bfloat16":
+        t = t.to(torch.bfloat16).float()
+    elif wire_dtype == "float16":
+        t = t.half()
+    return t.cpu().numpy()
 
 
 class Teacher:
     """Holds one fine-tuned teacher in inference mode and answers knowledge requests.
 
     The same class runs in-process (benchmarks, tests) or as a Ray actor (`ray.remote(Teacher)`).
+    Teachers of different depth, width and head count can serve the same request: each maps the
+    student layers to its own depth and returns its own hidden size and heads.
 
     Args:
         index: the teacher's position in the ensemble (echoed in every answer).
@@ -22,10 +35,12 @@ class Teacher:
         regression: the checkpoint is a regression head (1 output).
         threads: torch intra-op threads on CPU.
         device: "cuda" or "cpu"; "auto" picks cuda when visible.
+        attn_implementation: "eager" (default) can return attentions; "sdpa" is faster for logits and
+            hidden states but cannot serve attentions or the cls-attention token modes.
     """
 
     def __init__(self, index: int, checkpoint: str, num_labels: int, regression: bool = False, threads: int = 1,
-                 device: str = "auto") -> None:
+                 device: str = "auto", attn_implementation: str = "eager") -> None:
         from orchestrator.models import load_classifier
 
         self.index = index
@@ -34,35 +49,94 @@ class Teacher:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        self.model = load_classifier(checkpoint, num_labels, regression=regression).to(self.device).eval()
+        self.attn_implementation = attn_implementation
+        self.model = load_classifier(checkpoint, num_labels, regression=regression,
+                                     attn_implementation=attn_implementation).to(self.device).eval()
+        config = self.model.config
+        self.num_layers = int(config.num_hidden_layers)  # L_t
+        self.hidden_size = int(config.hidden_size)  # D_t
+        self.num_heads = int(config.num_attention_heads)  # H_t
+
+    def dims(self) -> dict[str, int]:
+        """The teacher's shape: {"num_layers": L_t, "hidden_size": D_t, "num_heads": H_t}.
+
+        The trainer uses it to build `HiddenProjection` (one map per teacher width) before training.
+        """
+        return {"num_layers": self.num_layers, "hidden_size": self.hidden_size, "num_heads": self.num_heads}
 
     @torch.inference_mode()
     def knowledge(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Knowledge:
-        """Run the teacher on a batch and return what the request asks for.
+        """Run the teacher on a batch and return what the request asks for, selected on this actor.
+
+        One forward pass; hidden states and attentions are computed only when the request needs them.
+        Depth: student layer l is served by teacher layer `selection.map_layer(l, L_s, L_t)`. Length and
+        width: `selection.select_tokens`, `selection.select_width` and `selection.gather` (the same
+        functions the trainer applies to the student). Liu et al., ACL 2021.
 
         Args:
             batch: [B, L] token ids and mask.
-            request: which outputs and wire dtype.
+            request: outputs, selection and wire dtype (see `KnowledgeRequest`).
 
         Returns:
-            `Knowledge` with logits [B, C] in `request.wire_dtype` (bfloat16 travels as float32 since
-            numpy has no bfloat16; values are rounded to bfloat16 first).
+            `Knowledge` with the requested arrays (shapes in its docstring); floats in
+            `request.wire_dtype` (bfloat16 travels as float32 since numpy has no bfloat16; values are
+            rounded to bfloat16 first).
+
+        Raises:
+            ValueError: a bad batch or request, or attentions asked of a non-eager teacher.
         """
         batch.check()
+        request.check()
         start = time.perf_counter()
+        want_tokens = request.needs_tokens
+        want_attn = "attentions" in request.outputs or (want_tokens and request.tokens.startswith("cls-attention"))
+        want_hidden = "hidden" in request.outputs or "cls" in request.outputs
+        if want_attn and self.attn_implementation != "eager":
+            raise ValueError(f"teacher {self.index} runs attn_implementation={self.attn_implementation!r}, which "
+                             f"returns no attentions: start it with attn_implementation='eager'")
         ids = torch.tensor(batch.input_ids, device=self.device)  # [B, L] (copy: object-store arrays are read-only)
         mask = torch.tensor(batch.attention_mask, device=self.device)  # [B, L]
-        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # [B, C]
-        if request.wire_dtype == "bfloat16":
-            logits = logits.to(torch.bfloat16).float()
-        elif request.wire_dtype == "float16":
-            logits = logits.half()
-        out = logits.cpu().numpy()
-        return Knowledge(self.index, out, time.perf_counter() - start)
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=want_hidden,
+                         output_attentions=want_attn)
+        wire = request.wire_dtype
+        answer = Knowledge(self.index, to_wire(out.logits, wire) if "logits" in request.outputs else None, 0.0)
+
+        if request.needs_layers:
+            layers = selection.map_layers(request.student_layers, request.student_num_layers, self.num_layers)
+            answer.layers = np.asarray(layers, dtype=np.int64)  # [k]
+        if want_tokens:
+            cls_scores = selection.cls_attention(out.attentions) if request.tokens.startswith("cls-") else None
+            token_index, token_mask = selection.select_tokens(mask, request.num_tokens, request.tokens, cls_scores,
+                                                              ids, request.sep_token_id)  # [B, K] each
+            answer.token_index = token_index.cpu().numpy()
+            answer.token_mask = token_mask.cpu().numpy()
+        if "hidden" in request.outputs:
+            hidden, widths = [], []
+            for l in layers:
+                h = out.hidden_states[l]  # [B, L, D_t]
+                w = None
+                if request.width != "all":
+                    kept = selection.gather(h, token_index) if request.width == "magnitude" else None  # [B, K, D_t]
+                    w = selection.select_width(request.width, self.hidden_size, request.width_fraction,
+                                               request.width_seed, hidden=kept, token_mask=token_mask)  # [W]
+                    w = w.to(self.device).expand(h.shape[0], -1)  # [B, W]: per example, so batches split cleanly
+                    widths.append(w)
+                hidden.append(selection.gather(h, token_index, w))  # [B, K, W]
+            answer.hidden = to_wire(torch.stack(hidden, dim=1), wire)  # [B, k, K, W]
+            if widths:
+                answer.width_index = torch.stack(widths, dim=1).cpu().numpy()  # [B, k, W]
+        if "attentions" in request.outputs:
+            rows = [selection.gather_attention(out.attentions[l - 1], token_index) for l in layers]  # [B, H_t, K, L]
+            answer.attentions = to_wire(torch.stack(rows, dim=1), wire)  # [B, k, H_t, K, L]
+        if "cls" in request.outputs:
+            answer.cls = to_wire(torch.stack([out.hidden_states[l][:, 0] for l in layers], dim=1), wire)  # [B, k, D_t]
+        answer.compute_s = time.perf_counter() - start
+        return answer
 
     def ping(self) -> int:
         """Liveness check used by the pool after start-up; returns the teacher index."""
         return self.index
 
     def device_name(self) -> str:
+        """The torch device the teacher runs on ("cpu", "cuda", ...)."""
         return str(self.device)

@@ -4,6 +4,7 @@ Layout of one checkpoint folder:
     model/                  `save_pretrained` folder (config.json, model.safetensors, tokenizer files)
     optimizer.safetensors   optimizer state tensors, keyed "<param index>.<name>"
     trainer_state.json      step, sampler state, teacher counts, scheduler and optimizer scalars
+    projection.safetensors  the student-to-teacher hidden-state projection (runs with HSK / [CLS] losses)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 MODEL_DIR = "model"
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.safetensors"
+PROJECTION_FILE = "projection.safetensors"
 
 
 def save_training_state(folder: Path, model, tokenizer, optimizer: torch.optim.Optimizer,
@@ -61,3 +63,21 @@ def load_training_state(folder: Path, optimizer: torch.optim.Optimizer, schedule
 def model_state(folder: Path) -> dict[str, torch.Tensor]:
     """The model's weights from a checkpoint folder (safetensors, no pickle)."""
     return load_file(str(folder / MODEL_DIR / "model.safetensors"))
+
+
+def save_module_state(folder: Path, name: str, module: torch.nn.Module) -> None:
+    """Write a module's state dict (tensors only) as `folder/name` in safetensors."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(folder / name))
+
+
+def load_module_state(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """A state dict written by `save_module_state` (safetensors, no pickle).
+
+    Raises:
+        FileNotFoundError: the checkpoint has no such file (it was written by a run without that module).
+    """
+    path = folder / name
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {folder} has no {name}: it was written by a run with other "
+                                f"distill.knowledge settings; resume with the settings it was trained with")
+    return load_file(str(path))

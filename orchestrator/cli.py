@@ -23,6 +23,8 @@ app = typer.Typer(help="Stochastic knowledge distillation (SKDBERT) of BERT-styl
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 teachers_app = typer.Typer(help="Prepare the teacher ensemble.", no_args_is_help=True)
 app.add_typer(teachers_app, name="teachers")
+cache_app = typer.Typer(help="The offline knowledge cache (train without loading teachers).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 console = Console()
 
 ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="YAML config, e.g. configs/sst2.yaml.")]
@@ -61,14 +63,19 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
             resume: Annotated[bool, typer.Option(help="Continue the newest unfinished run of this config.")] = False,
             resume_from: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint folder.")] = None,
             stop_after: Annotated[Optional[int], typer.Option(
-                help="Stop after N steps, leaving the run resumable (for preemptible slots).")] = None):
+                help="Stop after N steps, leaving the run resumable (for preemptible slots).")] = None,
+            knowledge: Annotated[Optional[str], typer.Option(
+                help="online (teacher actors) or cache:PATH (a `skd cache build` folder: no teachers loaded). "
+                     "Default: distill.knowledge.source.")] = None):
     """Distil a student from the teacher ensemble: each step ONE teacher, drawn from the sampling
-    distribution, serves soft labels (strategies: skd, no-kd, average, single:<teacher>)."""
+    distribution, serves soft labels and, if configured, hidden states / attentions (strategies: skd,
+    no-kd, average, single:<teacher>)."""
     from orchestrator.distill import run_distill
     from orchestrator.tracking import ui_command
 
     try:
-        cfg = load_config(config, set_)
+        extra = [f"distill.knowledge.source={knowledge}"] if knowledge else []
+        cfg = load_config(config, [*(set_ or []), *extra])
         if resume_from is not None and not (resume_from / "trainer_state.json").is_file():
             raise SkdError(f"--resume-from {resume_from}: not a checkpoint folder (no trainer_state.json)")
         result = run_distill(cfg, resume=resume, resume_from=str(resume_from) if resume_from else None,
@@ -92,6 +99,35 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
     if result.status == "KILLED":
         console.print(f"stopped early; continue with: skd distill -c {config} --resume")
     console.print(f"browse runs: [bold]{ui_command(cfg.tracking_uri())}[/]", highlight=False)
+
+
+@cache_app.command("build")
+def cache_build(config: ConfigOpt, set_: SetOpt = None,
+                out: Annotated[Optional[Path], typer.Option(
+                    help="Cache folder (default: the path of distill.knowledge.source, else "
+                         "<output_dir>/knowledge-cache).")] = None,
+                overwrite: Annotated[bool, typer.Option(
+                    help="Delete a cache built for another setup in that folder and build afresh.")] = False):
+    """Run every teacher over the training set once and store its soft labels and selected hidden-state
+    knowledge (distill.knowledge) as memory-mapped safetensors shards. An interrupted build resumes."""
+    from orchestrator.knowledge_cache import build_cache
+
+    try:
+        cfg = load_config(config, set_)
+        summary = build_cache(cfg, out, overwrite=overwrite)
+    except SkdError as exc:
+        _fail(exc)
+    table = Table(title=f"knowledge cache {summary['path']}")
+    table.add_column("quantity")
+    table.add_column("value")
+    table.add_row("teachers", ", ".join(summary["teachers"]))
+    table.add_row("examples", str(summary.get("num_examples", "-")))
+    table.add_row("bytes per example", f"{summary['bytes_per_example']:,.0f}")
+    table.add_row("total size", f"{summary['total_bytes'] / 2 ** 20:,.2f} MiB")
+    fraction = summary.get("hsk_fraction")
+    table.add_row("fraction of full HSK kept", "-" if fraction is None else f"{100 * fraction:.3f} %")
+    console.print(table)
+    console.print(f"train from it: skd distill -c {config} --knowledge cache:{summary['path']}", highlight=False)
 
 
 @app.command()

@@ -138,6 +138,48 @@ class DistributionConfig(_Strict):
         return self
 
 
+class KnowledgeConfig(_Strict):
+    """What the student learns from besides soft labels, and where the knowledge comes from.
+
+    Hidden-state knowledge (HSK) selection follows Liu et al. (ACL 2021): depth (`layers`), length
+    (`tokens`, `num_tokens`) and width (`width`, `width_fraction`), applied on the teacher. Attention KL and
+    [CLS] cosine follow Aguilar et al. (AAAI 2020). `schedule` orders the internal-representation losses.
+    """
+
+    source: str = Field("online", description="online (teacher actors) | cache:PATH (an `skd cache build` folder)")
+    outputs: list[Literal["hidden", "attentions", "cls"]] = Field(
+        default_factory=list, description="Internal representations to distil besides soft labels.")
+    layers: int | list[int] = Field(1, description="Student layers with IR losses: the top k (an int) or a list "
+                                                   "of 1-based student layers.")
+    tokens: Literal["all", "first", "cls-attention", "cls-attention-no-sep"] = "cls-attention-no-sep"
+    num_tokens: int | None = Field(10, gt=0, description="K tokens kept per example (tokens != all).")
+    width: Literal["all", "random", "even", "magnitude"] = "random"
+    width_fraction: float = Field(0.1, gt=0, le=1, description="Fraction of the teacher's hidden dims kept.")
+    width_seed: int = 0
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of knowledge on the wire and in the cache.")
+    schedule: Literal["none", "joint", "all", "progressive", "stacked"] = Field(
+        "joint", description="joint: IR + soft labels every step; all/progressive/stacked: IR phase, then soft labels.")
+    ir_fraction: float = Field(0.5, gt=0, lt=1, description="all/progressive/stacked: share of steps in the IR phase.")
+    hidden_weight: float = Field(1.0, ge=0, description="Weight of the hidden-state MSE.")
+    attention_weight: float = Field(1.0, ge=0, description="Weight of the attention KL.")
+    cls_weight: float = Field(1.0, ge=0, description="Weight of the [CLS] cosine loss.")
+    cache_shard_size: int = Field(1024, gt=0, description="skd cache build: examples per shard file.")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value == "online" or (value.startswith("cache:") and len(value) > 6):
+            return value
+        raise ValueError(f"unknown knowledge source {value!r}; use online or cache:PATH (a folder written by "
+                         f"`skd cache build`)")
+
+    @property
+    def cache_path(self) -> Path | None:
+        """The cache folder of `source: cache:PATH`, absolute; None when online."""
+        return Path(self.source[6:]).expanduser().resolve() if self.source.startswith("cache:") else None
+
+
 class DistillConfig(_Strict):
     """The student training run: strategy, KD loss weights and optimisation."""
 
@@ -159,6 +201,7 @@ class DistillConfig(_Strict):
     prefetch: bool = Field(True, description="Send step t+1's knowledge request before step t's backward pass.")
     gsnr_every: int | None = Field(None, gt=0, description="Steps between GSNR probes of the student (None: off).")
     gsnr_probe_size: int = Field(16, gt=1, description="Training examples in the fixed GSNR probe batch.")
+    knowledge: KnowledgeConfig = KnowledgeConfig()
 
     @field_validator("strategy")
     @classmethod
@@ -223,6 +266,21 @@ class SkdConfig(_Strict):
         unknown = sorted(set(weights) - set(names))
         if unknown:
             raise ValueError(f"distill.distribution.weights names unknown teachers {unknown}; members are {names}")
+        kn = self.distill.knowledge
+        if kn.outputs and strategy in ("average", "no-kd"):
+            raise ValueError(f"distill.knowledge.outputs {kn.outputs} need one teacher per step: use strategy skd or "
+                             f"single:<teacher> (average mixes teachers of different widths; no-kd has none)")
+        layers = kn.layers
+        n = self.student.num_layers
+        if isinstance(layers, int) and (layers < 1 or (n is not None and layers > n)):
+            raise ValueError(f"distill.knowledge.layers: {layers} is not a layer count between 1 and the student's "
+                             f"{n} layers")
+        if isinstance(layers, list) and (not layers or len(set(layers)) != len(layers)
+                                         or any(l < 1 or (n is not None and l > n) for l in layers)):
+            raise ValueError(f"distill.knowledge.layers: {layers} must be distinct 1-based student layers "
+                             f"(student.num_layers = {n})")
+        if kn.tokens != "all" and kn.num_tokens is None:
+            raise ValueError(f"distill.knowledge.num_tokens is required with tokens={kn.tokens}")
         return self
 
     # Resolved locations -------------------------------------------------------------------------

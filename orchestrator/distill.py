@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from actors.manifest import TeacherInfo, read_manifest, validate_teachers
 from actors.pool import PlacementPlan, TeacherPool
@@ -85,6 +86,35 @@ def plan_run(cfg: SkdConfig, inputs: Inputs) -> Plan:
                 default_run_name(cfg), family)
 
 
+def knowledge_fields(cfg: SkdConfig, inputs: Inputs, plan: Plan) -> dict[str, Any]:
+    """`TrainSpec` settings for the run's knowledge: the request, IR schedule and weights, teacher widths,
+    and, with `distill.knowledge.source: cache:PATH`, the cache and its expected fingerprint.
+
+    The cache is opened and checked here, on the driver, so a missing, partial or mismatched cache is a
+    clear error before any Ray resources are taken.
+
+    Raises:
+        ConfigError: an invalid request; CacheError: the cache is missing, partial or built for another setup.
+    """
+    from actors.cache import KnowledgeCache
+    from orchestrator.knowledge_cache import cache_fingerprint, knowledge_request
+
+    if plan.strategy not in ("skd", "average"):
+        return {}
+    kn = cfg.distill.knowledge
+    request = knowledge_request(cfg, inputs)
+    fields: dict[str, Any] = {
+        "request": request, "schedule": kn.schedule if request.needs_layers else "none",
+        "ir_fraction": kn.ir_fraction,
+        "ir_weights": {"hidden": kn.hidden_weight, "attentions": kn.attention_weight, "cls": kn.cls_weight},
+        "teacher_widths": [t.hidden_size for t in plan.teachers]}
+    if kn.cache_path is not None:
+        fingerprint = cache_fingerprint(cfg, inputs, plan.teachers, request)
+        KnowledgeCache.open(kn.cache_path, fingerprint).close()
+        fields.update(knowledge_cache=str(kn.cache_path), cache_fingerprint=fingerprint)
+    return fields
+
+
 def _prepass_key(cfg: SkdConfig, teacher: TeacherInfo) -> str:
     """Identifies a student-rank pre-pass result: same teacher checkpoint, student, data and steps."""
     blob = json.dumps({"teacher": teacher.checkpoint, "metric": teacher.dev_metric, "student": cfg.student.model_dump(),
@@ -117,7 +147,8 @@ def student_rank_scores(cfg: SkdConfig, inputs: Inputs, plan: Plan, pool: Teache
             spec = make_spec(cfg, inputs, cfg.distill, model_init=cfg.student.init, num_layers=cfg.student.num_layers,
                              strategy="skd", probs=probs, pool=pool, teacher_names=[x.name for x in plan.teachers],
                              threads=int(cfg.ray.cpus_per_worker), max_steps=cfg.distill.distribution.prepass_steps,
-                             eval_every=cfg.distill.distribution.prepass_steps)
+                             eval_every=cfg.distill.distribution.prepass_steps,
+                             **knowledge_fields(cfg, inputs, plan))
             res = run_training(cfg, spec, run_name=f"prepass-{t.name}", model_out=cfg.out_dir() / "prepass" / t.name,
                                params={"prepass.teacher": t.name, "prepass.steps": str(spec.max_steps)},
                                tags={"skd.kind": "prepass", "skd.prepass_key": key, "skd.task": cfg.task,
@@ -189,8 +220,9 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
     inputs = inputs or prepare_inputs(cfg, cfg.student.init)
     plan = plan_run(cfg, inputs)
     best = max((t.dev_metric for t in plan.teachers), default=None)
+    knowledge = knowledge_fields(cfg, inputs, plan)  # opens and checks a cache before Ray starts
     with ray_session(cfg.ray):
-        own_pool = pool is None and plan.active
+        own_pool = pool is None and plan.active and "knowledge_cache" not in knowledge
         if own_pool:
             pool = start_teacher_pool(cfg, plan.teachers, plan.active, inputs.spec.is_regression)
         try:
@@ -202,7 +234,8 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
             spec = make_spec(cfg, inputs, cfg.distill, model_init=cfg.student.init,
                              num_layers=cfg.student.num_layers, strategy=plan.strategy, probs=plan.probs,
                              pool=pool, teacher_names=[t.name for t in plan.teachers], best_teacher_metric=best,
-                             threads=int(cfg.ray.cpus_per_worker), stop_after=stop_after, resume_from=resume_from)
+                             threads=int(cfg.ray.cpus_per_worker), stop_after=stop_after, resume_from=resume_from,
+                             **knowledge)
             params = flatten(cfg)
             params["distill.probs"] = json.dumps([round(p, 6) for p in plan.probs]) if plan.probs else "none"
             tags = {"skd.kind": "distill", "skd.task": cfg.task, "skd.strategy": cfg.distill.strategy,

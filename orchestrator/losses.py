@@ -1,4 +1,10 @@
-"""Distillation losses on soft labels (Hinton et al. 2015, as used by SKDBERT)."""
+"""Distillation losses: soft labels (Hinton et al. 2015, as used by SKDBERT) and internal representations.
+
+Internal-representation losses (Aguilar et al., "Knowledge Distillation from Internal Representations",
+AAAI 2020; Liu et al., "Marginal Utility Diminishes", ACL 2021) compare the student with the teacher at
+the selected tokens, dims and mapped layers that the teacher returned (`actors.selection`): hidden-state
+MSE through a learned projection, attention KL and [CLS] cosine.
+"""
 
 from __future__ import annotations
 
@@ -51,3 +57,142 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teache
     if soft is None:
         return {"loss": hard, "loss_hard": hard, "loss_kd": torch.zeros((), device=hard.device)}
     return {"loss": alpha * hard + (1 - alpha) * soft, "loss_hard": hard, "loss_kd": soft}
+
+
+class HiddenProjection(torch.nn.Module):
+    """Learned linear maps from the student width D_s to each teacher width D_t (Aguilar et al. 2020).
+
+    One `Linear(D_s, D_t)` per (student layer, D_t) with D_t != D_s; widths equal to D_s pass through
+    unchanged. Parameters are created in sorted (layer, D_t) order, so the init is deterministic given
+    the torch seed.
+
+    Args:
+        student_layers: 1-based student layers that receive hidden-state losses.
+        student_width: D_s.
+        teacher_widths: the hidden sizes D_t of the teachers that will serve them.
+
+    Raises:
+        ValueError: a width or layer < 1.
+    """
+
+    def __init__(self, student_layers, student_width: int, teacher_widths) -> None:
+        super().__init__()
+        layers, widths = sorted(set(int(l) for l in student_layers)), sorted(set(int(d) for d in teacher_widths))
+        if student_width < 1 or any(d < 1 for d in widths) or any(l < 1 for l in layers):
+            raise ValueError(f"HiddenProjection needs layers >= 1 and widths >= 1, got layers {layers}, "
+                             f"student width {student_width}, teacher widths {widths}")
+        self.student_width = student_width
+        self.maps = torch.nn.ModuleDict({
+            self._key(l, d): torch.nn.Linear(student_width, d) for l in layers for d in widths if d != student_width})
+
+    @staticmethod
+    def _key(layer: int, width: int) -> str:
+        return f"layer{layer}_to{width}"
+
+    def forward(self, h_s: torch.Tensor, layer: int, teacher_width: int) -> torch.Tensor:
+        """Project a student layer's hidden states to a teacher width.
+
+        Args:
+            h_s: [B, L, D_s] (any leading shape, last dim D_s).
+            layer: the 1-based student layer.
+            teacher_width: D_t.
+
+        Returns:
+            [B, L, D_t] (h_s itself when D_t == D_s).
+
+        Raises:
+            ValueError: h_s is not D_s wide, or no map was built for (layer, D_t).
+        """
+        if h_s.shape[-1] != self.student_width:
+            raise ValueError(f"student hidden states are {h_s.shape[-1]} wide, the projection expects "
+                             f"{self.student_width}")
+        if teacher_width == self.student_width:
+            return h_s
+        key = self._key(layer, teacher_width)
+        if key not in self.maps:
+            raise ValueError(f"no projection for student layer {layer} to width {teacher_width}: build "
+                             f"HiddenProjection with that layer and teacher width")
+        return self.maps[key](h_s)
+
+
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over kept tokens and dims (the hidden-state loss of Liu et al. 2021).
+
+    loss = sum_{b,j,w} m[b,j] (s[b,j,w] - t[b,j,w])^2 / (W * sum_{b,j} m[b,j]); masked slots count in
+    neither numerator nor denominator. 0 when nothing is kept.
+
+    Args:
+        student: [B, K, W] student hidden states, projected to D_t and gathered like the teacher's.
+        teacher: [B, K, W] (no gradient flows into it).
+        token_mask: [B, K], 1 for kept real tokens.
+
+    Returns:
+        A float32 scalar tensor.
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    if student.shape != teacher.shape or student.ndim != 3 or tuple(token_mask.shape) != tuple(student.shape[:2]):
+        raise ValueError(f"hidden_mse needs student and teacher [B, K, W] and token_mask [B, K], got "
+                         f"{tuple(student.shape)}, {tuple(teacher.shape)}, {tuple(token_mask.shape)}")
+    m = token_mask.to(student.device).float()  # [B, K]
+    sq = (student.float() - teacher.detach().to(student.device).float()) ** 2  # [B, K, W]
+    return (sq * m[..., None]).sum() / (m.sum() * student.shape[-1]).clamp(min=1.0)
+
+
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor,
+                 key_mask: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """KL(teacher row || student row) of self-attention probabilities (Aguilar et al. 2020).
+
+    Per head and kept query row: sum over valid keys of p_t * (log p_t - log p_s), with both
+    probabilities clamped to `eps` inside the logs; averaged over heads, then over kept rows. When the
+    head counts differ, both sides are first averaged over heads.
+
+    Args:
+        student: [B, H_s, K, L] student attention rows at the teacher's kept query tokens.
+        teacher: [B, H_t, K, L] (no gradient flows into it).
+        token_mask: [B, K], 1 for kept rows.
+        key_mask: [B, L], 1 for real keys (padded keys are ignored).
+        eps: floor inside the logs.
+
+    Returns:
+        A float32 scalar tensor (0 when no row is kept).
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    if student.ndim != 4 or teacher.ndim != 4 or student.shape[0] != teacher.shape[0] \
+            or student.shape[2:] != teacher.shape[2:] \
+            or tuple(token_mask.shape) != (student.shape[0], student.shape[2]) \
+            or tuple(key_mask.shape) != (student.shape[0], student.shape[3]):
+        raise ValueError(f"attention_kl needs student [B, H_s, K, L], teacher [B, H_t, K, L], token_mask [B, K] "
+                         f"and key_mask [B, L], got {tuple(student.shape)}, {tuple(teacher.shape)}, "
+                         f"{tuple(token_mask.shape)}, {tuple(key_mask.shape)}")
+    p_s = student.float()
+    p_t = teacher.detach().to(student.device).float()
+    if p_s.shape[1] != p_t.shape[1]:
+        p_s, p_t = p_s.mean(dim=1, keepdim=True), p_t.mean(dim=1, keepdim=True)  # [B, 1, K, L]
+    keys = key_mask.to(student.device).float()[:, None, None, :]  # [B, 1, 1, L]
+    kl = (keys * p_t * (p_t.clamp(min=eps).log() - p_s.clamp(min=eps).log())).sum(dim=-1)  # [B, H, K]
+    rows = token_mask.to(student.device).float()  # [B, K]
+    return (kl.mean(dim=1) * rows).sum() / rows.sum().clamp(min=1.0)
+
+
+def cls_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(h_s[CLS], h_t[CLS]) over the batch (Aguilar et al. 2020).
+
+    Args:
+        student: [B, D] student [CLS] states, projected to D_t.
+        teacher: [B, D] (no gradient flows into it).
+
+    Returns:
+        A float32 scalar tensor in [0, 2].
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    if student.shape != teacher.shape or student.ndim != 2:
+        raise ValueError(f"cls_cosine needs student and teacher [B, D], got {tuple(student.shape)} and "
+                         f"{tuple(teacher.shape)}")
+    cos = F.cosine_similarity(student.float(), teacher.detach().to(student.device).float(), dim=-1, eps=1e-8)
+    return (1.0 - cos).mean()

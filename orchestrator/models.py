@@ -61,7 +61,7 @@ def vocab_fingerprint(tokenizer) -> str:
 
 
 def load_classifier(name: str, num_labels: int, num_layers: int | None = None, regression: bool = False,
-                    eager_attention: bool = False):
+                    eager_attention: bool = False, attn_implementation: str | None = None):
     """`AutoModelForSequenceClassification` from a name/folder, keeping the bottom `num_layers` layers.
 
     Args:
@@ -69,7 +69,9 @@ def load_classifier(name: str, num_labels: int, num_layers: int | None = None, r
         num_labels: C (1 for regression).
         num_layers: keep the first layers only; None keeps all.
         regression: set problem_type to regression (MSE head semantics).
-        eager_attention: load with eager attention (needed for `output_attentions`).
+        eager_attention: load with eager attention (same as attn_implementation="eager").
+        attn_implementation: "eager", "sdpa", ...; None keeps transformers' default (sdpa where
+            available). `output_attentions` needs "eager": other implementations return no attentions.
 
     Raises:
         TeacherError: the checkpoint cannot be loaded.
@@ -83,8 +85,10 @@ def load_classifier(name: str, num_labels: int, num_layers: int | None = None, r
         kwargs["num_hidden_layers"] = num_layers
     if regression:
         kwargs["problem_type"] = "regression"
-    if eager_attention:
-        kwargs["attn_implementation"] = "eager"
+    if attn_implementation is None and eager_attention:
+        attn_implementation = "eager"
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
     except Exception as exc:

@@ -22,13 +22,16 @@ import ray
 import ray.train
 import torch
 
-from actors.knowledge import TokenBatch
-from orchestrator.checkpointing import load_training_state, model_state, save_training_state
+from actors.knowledge import Knowledge, KnowledgeRequest, TokenBatch
+from actors.selection import gather, gather_attention
+from orchestrator.checkpointing import (PROJECTION_FILE, load_module_state, load_training_state, model_state,
+                                        save_module_state, save_training_state)
 from orchestrator.data import Encoded, TaskSpec
 from orchestrator.gsnr import probe_gsnr
-from orchestrator.losses import distillation_loss
+from orchestrator.losses import HiddenProjection, attention_kl, cls_cosine, distillation_loss, hidden_mse
 from orchestrator.metrics import glue_metrics
 from orchestrator.sampling import TeacherSampler
+from orchestrator.schedule import Stage, stage_at
 
 
 @dataclass
@@ -48,6 +51,12 @@ class TrainSpec:
         stop_after: end early after this step, leaving a resumable checkpoint (preemptible runs).
         resume_from: an explicit checkpoint folder to start from when Ray Train has none.
         threads: torch threads per worker on CPU.
+        request: the full knowledge request (None: soft labels only); each step asks for its stage's part.
+        schedule / ir_fraction / ir_weights: internal-representation schedule (see `orchestrator.schedule`)
+            and the weights of the "hidden", "attentions" and "cls" loss terms.
+        teacher_widths: [N] hidden sizes D_t of the teachers (the student's projection targets).
+        knowledge_cache / cache_fingerprint: read knowledge from this `skd cache build` folder (checked
+            against the fingerprint) instead of `pool`.
     """
 
     model_init: str
@@ -84,6 +93,13 @@ class TrainSpec:
     resume_from: str | None = None
     threads: int = 1
     extra_tags: dict[str, str] = field(default_factory=dict)
+    request: KnowledgeRequest | None = None
+    schedule: str = "none"
+    ir_fraction: float = 0.5
+    ir_weights: dict[str, float] = field(default_factory=dict)
+    teacher_widths: list[int] = field(default_factory=list)
+    knowledge_cache: str | None = None
+    cache_fingerprint: dict | None = None
 
 
 def plan_steps(n_examples: int, batch_size: int, world: int, epochs: float, max_steps: int | None) -> tuple[int, int]:
@@ -142,6 +158,52 @@ def evaluate(model, data: Encoded, spec: TaskSpec, pad_id: int, batch_size: int)
     return glue_metrics(spec, preds, data.labels)
 
 
+def _array(x: np.ndarray, device, dtype=None) -> torch.Tensor:
+    """A writable torch copy of a (possibly read-only, object-store) numpy array on `device`."""
+    return torch.from_numpy(np.array(x, dtype=dtype)).to(device)
+
+
+def ir_loss_terms(out, know: Knowledge, stage: Stage, projection: HiddenProjection | None, teacher_width: int,
+                  attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The internal-representation loss terms of one step, each summed over the stage's layers.
+
+    hidden: MSE between the student's hidden states, projected to D_t and gathered at the teacher's kept
+    tokens and dims (`actors.selection.gather`, the function the teacher used), and the teacher's HSK
+    (Liu et al. 2021). attentions: KL between the teacher's and the student's attention rows of the kept
+    query tokens (Aguilar et al. 2020). cls: 1 - cos between projected student and teacher [CLS] states.
+
+    Args:
+        out: the student's model output with hidden_states (L_s + 1 of [B, L, D_s]) and/or attentions
+            (L_s of [B, H_s, L, L]) as the stage needs.
+        know: the teacher's knowledge for `stage.layers`, in that order along its k axis.
+        projection: student-to-teacher width maps (None when only attentions are distilled).
+        teacher_width: D_t of the serving teacher.
+        attention_mask: [B, L] of the batch.
+
+    Returns:
+        {"hidden" | "attentions" | "cls": scalar tensor} for the outputs present in `know`.
+    """
+    device = attention_mask.device
+    terms: dict[str, torch.Tensor] = {}
+    token_index = _array(know.token_index, device) if know.token_index is not None else None  # [B, K]
+    token_mask = _array(know.token_mask, device) if know.token_mask is not None else None  # [B, K]
+    for j, layer in enumerate(stage.layers):
+        if know.hidden is not None:
+            h = projection(out.hidden_states[layer], layer, teacher_width)  # [B, L, D_t]
+            width = _array(know.width_index[:, j], device) if know.width_index is not None else None  # [B, W]
+            term = hidden_mse(gather(h, token_index, width), _array(know.hidden[:, j], device, np.float32), token_mask)
+            terms["hidden"] = terms["hidden"] + term if "hidden" in terms else term
+        if know.attentions is not None:
+            rows = gather_attention(out.attentions[layer - 1], token_index)  # [B, H_s, K, L]
+            term = attention_kl(rows, _array(know.attentions[:, j], device, np.float32), token_mask, attention_mask)
+            terms["attentions"] = terms["attentions"] + term if "attentions" in terms else term
+        if know.cls is not None:
+            c = projection(out.hidden_states[layer][:, 0], layer, teacher_width)  # [B, D_t]
+            term = cls_cosine(c, _array(know.cls[:, j], device, np.float32))
+            terms["cls"] = terms["cls"] + term if "cls" in terms else term
+    return terms
+
+
 def train_loop(spec: TrainSpec) -> None:
     """Ray Train worker entry point (see module docstring). Reports dev metrics and checkpoints."""
     from transformers import get_linear_schedule_with_warmup
@@ -163,13 +225,22 @@ def train_loop(spec: TrainSpec) -> None:
     # --- model, optimizer, schedule -----------------------------------------------------------
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(spec.tokenizer_init)
-    model = load_classifier(spec.model_init, spec.spec.num_labels, spec.num_layers, spec.spec.is_regression)
+    req = spec.request or KnowledgeRequest()
+    ir_outputs = tuple(o for o in req.outputs if o != "logits")  # hidden / attentions / cls
+    model = load_classifier(spec.model_init, spec.spec.num_labels, spec.num_layers, spec.spec.is_regression,
+                            attn_implementation="eager" if "attentions" in ir_outputs else None)
+    projection = None
+    if "hidden" in ir_outputs or "cls" in ir_outputs:
+        projection = HiddenProjection(req.student_layers, model.config.hidden_size, spec.teacher_widths).to(device)
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     groups = [
         {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
          "weight_decay": spec.weight_decay},
         {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
+    if projection is not None:
+        groups[0]["params"] += list(projection.parameters())
+    trained = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=spec.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(spec.warmup_ratio * total), total)
 
@@ -184,6 +255,8 @@ def train_loop(spec: TrainSpec) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
             model.load_state_dict(model_state(Path(path)))
+            if projection is not None:
+                projection.load_state_dict(load_module_state(Path(path), PROJECTION_FILE))
             state = load_training_state(Path(path), optimizer, scheduler)
         start, counts = state["step"], state["counts"]
         if sampler is not None and state.get("sampler") is not None:
@@ -202,17 +275,29 @@ def train_loop(spec: TrainSpec) -> None:
 
     logger = MetricLogger(spec.tracking_uri, spec.run_id, enabled=rank == 0)
     batches = _Batches(train_data, spec.pad_id, spec.batch_size, world, rank, spec.seed, per_epoch)
-    pool = spec.pool
+    if spec.knowledge_cache:  # offline: no teacher actors, knowledge read from the cache's memory-mapped shards
+        from actors.cache import CachedPool
+
+        pool = CachedPool.open(spec.knowledge_cache, spec.cache_fingerprint)
+    else:
+        pool = spec.pool
     sampler_states: dict[int, Any] = {}
 
+    def stage(step: int) -> Stage:
+        """Which IR layers and whether soft labels apply at `step` (schedules: `orchestrator.schedule`)."""
+        if not ir_outputs:
+            return Stage((), True)
+        return stage_at(step, total, spec.schedule, req.student_layers, spec.ir_fraction)
+
     def request(step: int):
-        """Draw the teacher for `step` and send its knowledge request (no waiting)."""
+        """Draw the teacher for `step` and send its knowledge request for the step's stage (no waiting)."""
         b = batches(step)
         tb = TokenBatch(b["input_ids"], b["attention_mask"], b["ids"])
+        step_request = req.subset(student_layers=stage(step).layers) if ir_outputs else req
         if spec.strategy == "average":
-            return pool.submit_average(tb)
+            return pool.submit_average(tb, step_request)
         sampler_states[step] = sampler.state_dict()
-        return pool.submit(sampler.draw(), tb)
+        return pool.submit(sampler.draw(), tb, step_request)
 
     kd = spec.strategy in ("skd", "average")
     pending = request(start) if kd and start < total else None
@@ -226,17 +311,34 @@ def train_loop(spec: TrainSpec) -> None:
         ids = torch.as_tensor(b["input_ids"], device=device)  # [B, L]
         mask = torch.as_tensor(b["attention_mask"], device=device)  # [B, L]
         labels = torch.as_tensor(b["labels"], device=device)  # [B]
-        logits = model(input_ids=ids, attention_mask=mask).logits  # [B, C]
-        teacher_logits, teacher, wait = None, -1, 0.0
+        st = stage(step)
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(st.layers) and projection is not None,
+                    output_attentions=bool(st.layers) and "attentions" in ir_outputs)
+        logits = out.logits  # [B, C]
+        teacher_logits, teacher, wait, know, nbytes = None, -1, 0.0, None, 0
         if kd:
             know = pending.result()
-            teacher, wait = know.teacher, know.wait_s
-            teacher_logits = torch.from_numpy(np.array(know.logits, dtype=np.float32)).to(device)  # [B, C] writable copy
+            teacher, wait, nbytes = know.teacher, know.wait_s, know.nbytes()
+            teacher_logits = _array(know.logits, device, np.float32)  # [B, C]
             pending = request(step + 1) if spec.prefetch and step + 1 < total else None
-        terms = distillation_loss(logits, labels, teacher_logits, spec.alpha, spec.temperature,
-                                  spec.spec.is_regression)
+        if st.soft_labels:
+            terms = distillation_loss(logits, labels, teacher_logits, spec.alpha, spec.temperature,
+                                      spec.spec.is_regression)
+        else:  # IR phase: no label losses; 0 * logits keeps every parameter in the graph (DDP)
+            zero = logits.sum() * 0.0
+            terms = {"loss": zero, "loss_hard": zero.detach(), "loss_kd": zero.detach()}
+        if st.layers and know is not None:
+            ir = ir_loss_terms(out, know, st, projection, spec.teacher_widths[teacher] if spec.teacher_widths else 0,
+                               mask)
+            terms.update({f"loss_{k}": v for k, v in ir.items()})
+            terms["loss"] = terms["loss"] + sum(spec.ir_weights.get(k, 1.0) * v for k, v in ir.items())
         terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if projection is not None and world > 1:  # the projection is outside DDP: average its gradients
+            for p in projection.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -251,9 +353,9 @@ def train_loop(spec: TrainSpec) -> None:
             counts = [c + global_batch for c in counts]
         window_n += global_batch
         window_wait += wait
-        logger.log({"train/loss": terms["loss"].item(), "train/loss_hard": terms["loss_hard"].item(),
-                    "train/loss_kd": terms["loss_kd"].item(), "train/teacher": teacher,
-                    "train/knowledge_wait_s": wait, "train/lr": scheduler.get_last_lr()[0]}, step)
+        logger.log({**{f"train/{k}": v.item() for k, v in terms.items()}, "train/teacher": teacher,
+                    "train/knowledge_wait_s": wait, "train/knowledge_bytes": nbytes,
+                    "train/lr": scheduler.get_last_lr()[0]}, step)
         if step % spec.log_every == 0 or step == total:
             elapsed = time.perf_counter() - window_t
             rate = window_n / max(elapsed, 1e-9)
@@ -292,6 +394,8 @@ def train_loop(spec: TrainSpec) -> None:
                     sampler_state = sampler_states.get(step, sampler.state_dict()) if sampler else None
                     state = {"step": step, "counts": counts, "sampler": sampler_state}
                     save_training_state(Path(tmp), core, tokenizer, optimizer, scheduler, state)
+                    if projection is not None:
+                        save_module_state(Path(tmp), PROJECTION_FILE, projection)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ckpt)
         for s in [s for s in sampler_states if s <= step]:

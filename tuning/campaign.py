@@ -34,7 +34,7 @@ from actors.manifest import read_manifest, validate_teachers
 from actors.pool import TeacherPool
 from orchestrator import tracking
 from orchestrator.config import SkdConfig, load_config
-from orchestrator.distill import plan_run, run_distill, start_teacher_pool, student_rank_scores
+from orchestrator.distill import knowledge_fields, plan_run, run_distill, start_teacher_pool, student_rank_scores
 from orchestrator.errors import ConfigError, SkdError
 from orchestrator.models import resolve_model
 from orchestrator.checkpointing import STATE_FILE
@@ -209,6 +209,7 @@ def run_campaign(cfg: SkdConfig, *, resume: bool = False) -> CampaignResult:
     validate_space(cfg, section)
     inputs = prepare_inputs(cfg, cfg.student.init)
     plan = plan_run(cfg, inputs)
+    knowledge_fields(cfg, inputs, plan)  # a bad request or a missing/mismatched cache fails here, before Ray
     teachers = validate_teachers(read_manifest(cfg.manifest_path()), [m.name for m in cfg.teachers.members],
                                  cfg.task, inputs.spec.num_labels, inputs.vocab)
     metric = section.metric or f"dev/{inputs.spec.metric}"
@@ -243,9 +244,13 @@ def run_campaign(cfg: SkdConfig, *, resume: bool = False) -> CampaignResult:
         # set explicitly), so give a local campaign cluster headroom.
         ray_cfg = ray_cfg.model_copy(update={"num_cpus": max(os.cpu_count() or 1, 2 * section.max_concurrent + 2)})
     with ray_session(ray_cfg):
-        print(f"[skd] campaign {name}: one teacher pool shared by all trials", flush=True)
-        pool = start_teacher_pool(cfg, teachers, list(range(len(teachers))), inputs.spec.is_regression,
-                                  student_workers=cfg.ray.num_workers * section.max_concurrent)
+        if cfg.distill.knowledge.cache_path is not None:  # trials read the offline cache: no teachers at all
+            print(f"[skd] campaign {name}: knowledge from {cfg.distill.knowledge.cache_path}", flush=True)
+            pool = None
+        else:
+            print(f"[skd] campaign {name}: one teacher pool shared by all trials", flush=True)
+            pool = start_teacher_pool(cfg, teachers, list(range(len(teachers))), inputs.spec.is_regression,
+                                      student_workers=cfg.ray.num_workers * section.max_concurrent)
         try:
             families = section.space["family"].extremes() if "family" in section.space else [plan.family]
             scores = student_rank_scores(cfg, inputs, plan, pool) if "student-rank" in families else None
@@ -283,7 +288,8 @@ def run_campaign(cfg: SkdConfig, *, resume: bool = False) -> CampaignResult:
             return CampaignResult(parent_id, exp_id, metric, trials, best, time.perf_counter() - started)
         finally:
             client.set_terminated(parent_id, status)
-            pool.shutdown()
+            if pool is not None:
+                pool.shutdown()
 
 
 def settle_trials(client, exp_id: str, grid, metric: str, mode: str) -> list[dict[str, Any]]:

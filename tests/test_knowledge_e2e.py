@@ -1,0 +1,132 @@
+"""Hidden-state / attention / [CLS] knowledge end to end: heterogeneous teacher actors serve selected
+knowledge online, `skd cache build` precomputes it, and a student trains from the cache with no teacher
+actors; mismatched and partial caches are refused. Real Ray, real MLflow, tiny random BERTs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from actors.cache import CacheMismatchError, KnowledgeCache, PartialCacheError
+from actors.knowledge import TokenBatch
+from actors.manifest import TeacherInfo, write_manifest
+from actors.teacher import Teacher
+from orchestrator.config import load_config
+from orchestrator.distill import knowledge_fields, plan_run, run_distill
+from orchestrator.knowledge_cache import build_cache, cache_fingerprint, knowledge_request
+from orchestrator.models import count_parameters, load_classifier, load_tokenizer, vocab_fingerprint
+from orchestrator.runner import prepare_inputs
+from tests.conftest import tiny_raw
+from tests.tiny import make_tiny_bert
+
+KNOWLEDGE = {"outputs": ["hidden", "attentions", "cls"], "layers": 2, "tokens": "cls-attention-no-sep",
+             "num_tokens": 4, "width": "random", "width_fraction": 0.5, "schedule": "stacked", "ir_fraction": 0.5,
+             "cache_shard_size": 32}
+
+
+def _teacher_actors() -> int:
+    return sum(a["ActorClassName"].endswith("Teacher") for a in ray._private.state.actors().values())
+
+
+@pytest.fixture(scope="module")
+def env(ray_cluster, tiny_model, tmp_path_factory):
+    """Two untrained teachers of different depth AND width (4 x 32 with 2 heads, 2 x 48 with 3 heads), a
+    manifest for them, and a cache built from them."""
+    tmp = tmp_path_factory.mktemp("hsk")
+    shapes = {"ta": (4, 32, 2), "tb": (2, 48, 3)}
+    infos = []
+    for i, (name, (layers, hidden, heads)) in enumerate(shapes.items()):
+        folder = make_tiny_bert(tmp / name, num_layers=layers, hidden=hidden, heads=heads, seed=i + 1)
+        infos.append(TeacherInfo(name=name, checkpoint=str(folder), num_layers=layers, hidden_size=hidden,
+                                 parameters=count_parameters(load_classifier(str(folder), 2)),
+                                 dev_metric=0.6 - 0.05 * i, metric="accuracy",
+                                 vocab=vocab_fingerprint(load_tokenizer(str(folder))), num_labels=2, task="sst2",
+                                 mlflow_run_id=""))
+    write_manifest(tmp / "manifest.json", infos)
+    raw = tiny_raw(tmp, tiny_model, student={"init": str(tiny_model), "num_layers": 2},
+                   distill={"max_steps": 8, "eval_every": 8, "log_every": 1, "knowledge": KNOWLEDGE})
+    raw["teachers"] = {"members": [{"name": n, "init": str(tmp / n)} for n in shapes],
+                       "manifest": str(tmp / "manifest.json"), "num_cpus": 0.25}
+
+    def cfg(*overrides: str):
+        return load_config(None, list(overrides), base=raw)
+
+    summary = build_cache(cfg())
+    return {"cfg": cfg, "tmp": tmp, "summary": summary, "infos": infos,
+            "client": MlflowClient(cfg().tracking_uri())}
+
+
+def history(client, run_id, key):
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_cache_build_reports_sizes(env):
+    s = env["summary"]
+    assert s["complete"] and s["teachers"] == ["ta", "tb"] and s["num_examples"] == 64
+    assert s["shards_written"] == {"ta": 2, "tb": 2}
+    assert 0 < s["hsk_fraction"] < 0.5  # 2 layers x <= 4 tokens x half the dims of 4 or 2 layers x all tokens
+    assert s["bytes_per_example"] > 0
+
+
+def test_cache_round_trip_equals_online_knowledge_exactly(env):
+    """The cache returns bit for bit what the teacher serves for the same batch."""
+    cfg = env["cfg"]()
+    inputs = prepare_inputs(cfg, cfg.student.init)
+    request = knowledge_request(cfg, inputs)
+    teachers = env["infos"]
+    cache = KnowledgeCache.open(env["summary"]["path"], cache_fingerprint(cfg, inputs, teachers, request))
+    rows = np.arange(32, 64)  # the second shard: built as one batch of these rows
+    b = inputs.train.batch(rows, inputs.pad_id)
+    for k, info in enumerate(teachers):
+        online = Teacher(k, info.checkpoint, 2).knowledge(TokenBatch(b["input_ids"], b["attention_mask"], b["ids"]),
+                                                          request)
+        cached = cache.knowledge(k, rows, b["input_ids"].shape[1])
+        assert online.hidden.shape[1:] == (2, 4, info.hidden_size // 2)
+        for key in ("logits", "layers", "hidden", "token_index", "token_mask", "width_index", "attentions", "cls"):
+            assert np.array_equal(getattr(online, key), getattr(cached, key)), key
+
+
+def test_student_trains_from_the_cache_without_teachers_and_matches_online(env):
+    client = env["client"]
+    before = _teacher_actors()
+    cached = run_distill(env["cfg"](f"distill.knowledge.source=cache:{env['summary']['path']}",
+                                    "mlflow.run_name=from-cache"))
+    assert _teacher_actors() == before  # no teacher actor was started
+    online = run_distill(env["cfg"]("mlflow.run_name=online"))
+    assert _teacher_actors() == before + 2
+    for res in (cached, online):
+        assert res.status == "FINISHED"
+        kd = history(client, res.run_id, "train/loss_kd")
+        hidden = history(client, res.run_id, "train/loss_hidden")
+        # stacked schedule: 4 IR steps (layer 1, then layers 1-2), then the soft-label stage
+        assert set(hidden) == {1, 2, 3, 4} and all(v > 0 for v in hidden.values())
+        assert set(history(client, res.run_id, "train/loss_attentions")) == {1, 2, 3, 4}
+        assert all(kd[s] == 0 for s in (1, 2, 3, 4)) and all(kd[s] > 0 for s in (5, 6, 7, 8))
+    a, b = (history(client, r.run_id, "train/loss_hidden")[1] for r in (cached, online))
+    assert a == pytest.approx(b, rel=1e-3)  # same teacher, batch and positions; only padding differs
+    assert history(client, online.run_id, "train/knowledge_bytes")[1] > 0
+
+
+def test_mismatched_and_partial_caches_are_refused_then_resumed(env, tmp_path):
+    path = env["summary"]["path"]
+    other = env["cfg"](f"distill.knowledge.source=cache:{path}", "distill.knowledge.num_tokens=3")
+    inputs = prepare_inputs(other, other.student.init)
+    with pytest.raises(CacheMismatchError, match="num_tokens: cache has 4, config expects 3"):
+        knowledge_fields(other, inputs, plan_run(other, inputs))
+
+    partial = tmp_path / "partial"
+    shutil.copytree(path, partial)
+    (partial / "tb" / "shard-00001.safetensors").unlink()
+    manifest = json.loads((partial / "manifest.json").read_text())
+    (partial / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    kept = (partial / "ta" / "shard-00000.safetensors").stat().st_mtime_ns
+    with pytest.raises(PartialCacheError, match="interrupted"):
+        run_distill(env["cfg"](f"distill.knowledge.source=cache:{partial}"))
+    summary = build_cache(env["cfg"](), partial)  # resumes: writes only the missing shard
+    assert summary["complete"] and (partial / "tb" / "shard-00001.safetensors").is_file()
+    assert (partial / "ta" / "shard-00000.safetensors").stat().st_mtime_ns == kept
