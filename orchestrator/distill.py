@@ -110,6 +110,13 @@ def knowledge_fields(cfg: SkdConfig, inputs: Inputs, plan: Plan) -> dict[str, An
         "teacher_widths": [t.hidden_size for t in plan.teachers]}
     if kn.cache_path is not None:
         fingerprint = cache_fingerprint(cfg, inputs, plan.teachers, request)
+        built = KnowledgeCache.open(kn.cache_path)  # missing or partial caches fail here
+        cached_outputs = built.manifest["fingerprint"].get("request", {}).get("outputs", [])
+        if set(fingerprint["request"]["outputs"]) <= set(cached_outputs):
+            # a cache holding more outputs (e.g. hidden + attentions + cls) serves a run that uses fewer;
+            # every other setting must match exactly
+            fingerprint["request"]["outputs"] = list(cached_outputs)
+        built.close()
         KnowledgeCache.open(kn.cache_path, fingerprint).close()
         fields.update(knowledge_cache=str(kn.cache_path), cache_fingerprint=fingerprint)
     return fields

@@ -118,6 +118,9 @@ def test_mismatched_and_partial_caches_are_refused_then_resumed(env, tmp_path):
     inputs = prepare_inputs(other, other.student.init)
     with pytest.raises(CacheMismatchError, match="num_tokens: cache has 4, config expects 3"):
         knowledge_fields(other, inputs, plan_run(other, inputs))
+    fewer = env["cfg"](f"distill.knowledge.source=cache:{path}", "distill.knowledge.outputs=[hidden]")
+    fields = knowledge_fields(fewer, inputs, plan_run(fewer, inputs))  # a cache with more outputs serves fewer
+    assert fields["request"].outputs == ("logits", "hidden") and fields["knowledge_cache"] == path
 
     partial = tmp_path / "partial"
     shutil.copytree(path, partial)
