@@ -34,14 +34,56 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=True)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # the dashboard serves Ray's state API, which Ray Train's controller polls; keep it on loopback
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+        start_local_ray(cfg.num_cpus or os.cpu_count())
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_local_ray(num_cpus: int | None, *, dashboard: bool = True, log_to_driver: bool = True) -> str:
+    """Start a local Ray cluster on 127.0.0.1 (token auth off) whose workers know its address.
+
+    Ray Train V2 removes the placement group of a controller that died (a Tune trial stopped by ASHA or
+    PBT) from a detached cleaner actor that finds the cluster through Ray's state API. Without an address
+    that lookup auto-detects clusters and fails with "Found multiple active Ray instances" as soon as a
+    second Ray runs on the machine; the cleaner thread dies, the stopped trial's placement group leaks and
+    the next trial waits for it forever. So the GCS port is chosen up front (`RAY_GCS_SERVER_PORT`) and
+    every worker of this job gets `RAY_ADDRESS` through the job's runtime environment.
+
+    Args:
+        num_cpus: logical CPUs of the cluster (None: all cores).
+        dashboard: start the dashboard (it serves the state API; bound to 127.0.0.1).
+        log_to_driver: forward worker output to this process.
+
+    Returns:
+        The GCS address, host:port.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = f"127.0.0.1:{free_port()}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = address.split(":")[1]
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    finally:  # the next cluster this process starts picks its own port
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+    return address
 
 
 def cluster_gpus() -> float:

@@ -55,6 +55,6 @@ def ray_cluster():
     """A local Ray cluster for one test module, stopped by this process (never `ray stop`)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    runtime.start_local_ray(2, dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

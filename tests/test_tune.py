@@ -19,8 +19,11 @@ SPACE = {"family": {"choice": ["uniform", "teacher-rank"]}, "alpha": {"uniform":
 
 @pytest.fixture(scope="module")
 def ray4():
-    """A local cluster with 4 logical CPUs (what `skd tune` starts on a 2-core machine), stopped by this process."""
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    """A local cluster with 4 logical CPUs (what `skd tune` starts on a 2-core machine), stopped by this process;
+    with the dashboard, as `skd tune` runs it, so Ray Train can clean up the placement groups of stopped trials."""
+    from orchestrator.runtime import start_local_ray
+
+    start_local_ray(4, dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 
