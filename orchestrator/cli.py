@@ -25,7 +25,7 @@ teachers_app = typer.Typer(help="Prepare the teacher ensemble.", no_args_is_help
 app.add_typer(teachers_app, name="teachers")
 cache_app = typer.Typer(help="The offline knowledge cache (train without loading teachers).", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes get whole tables
 
 ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="YAML config, e.g. configs/sst2.yaml.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(

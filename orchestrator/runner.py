@@ -180,7 +180,7 @@ def run_training(cfg: SkdConfig, spec: TrainSpec, *, run_name: str, tags: dict[s
     try:
         result = trainer.fit()
         metrics = result.metrics or {}
-        done = bool(metrics.get("done"))
+        done = bool(metrics.get("finished"))
         out = RunResult(run_id, run_name, "FINISHED" if done else "KILLED", wall_s=time.perf_counter() - started,
                         steps=int(metrics.get("step", 0)),
                         checkpoint=result.checkpoint.path if result.checkpoint is not None else None)

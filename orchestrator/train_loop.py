@@ -370,7 +370,7 @@ def train_loop(spec: TrainSpec) -> None:
             window_t, window_n, window_wait = time.perf_counter(), 0, 0.0
 
         stopping = spec.stop_after is not None and step >= spec.stop_after and step < total
-        metrics: dict[str, float] = {"step": step, "done": float(step >= total),
+        metrics: dict[str, float] = {"step": step, "finished": float(step >= total),  # not "done": Tune sets its own
                                      "wall_s": time.perf_counter() - run_start}
         if step in evals and rank == 0:
             dev = evaluate(core, dev_data, spec.spec, spec.pad_id, spec.eval_batch_size)

@@ -138,7 +138,7 @@ def pbt_trial_fn(config: dict[str, Any], *, base: dict[str, Any], pool: TeacherP
             client.set_tag(run_id, f"pbt.config.step{start:06d}", json.dumps(config, sort_keys=True))
             if res.checkpoint is None:
                 raise SkdError(f"PBT segment {start}->{stop} of {run_name} left no checkpoint")
-            metrics = {"step": res.steps, "done": float(res.steps >= total),
+            metrics = {"step": res.steps, "finished": float(res.steps >= total),
                        **{f"dev/{k}": v for k, v in res.dev.items()}}
             if res.retention is not None:
                 metrics["dev/retention"] = res.retention
@@ -278,6 +278,11 @@ def run_campaign(cfg: SkdConfig, *, resume: bool = False) -> CampaignResult:
                                               verbose=1))
             grid = tuner.fit()
             trials = settle_trials(client, exp_id, grid, metric, section.mode)
+            if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < section.num_samples:
+                # Tune returns normally after Ctrl-C with its state saved; the campaign is not over
+                status = "KILLED"
+                raise SkdError(f"campaign {name} was interrupted after {grid.num_terminated} of "
+                               f"{section.num_samples} trials; continue it with `skd tune -c CONFIG --resume`")
             scored = sorted((t for t in trials if t["metric"] is not None), key=lambda t: t["trial_id"])
             sign = 1.0 if section.mode == "max" else -1.0
             best = max(scored, key=lambda t: sign * t["metric"], default=None)  # ties: the earliest trial
@@ -303,8 +308,8 @@ def settle_trials(client, exp_id: str, grid, metric: str, mode: str) -> list[dic
         run = runs[0] if runs else None
         if result.error is not None:
             status = "FAILED"
-        elif m.get("done"):
-            status = "FINISHED"
+        elif m.get("finished") or (run is not None and run.info.status == "FINISHED"):
+            status = "FINISHED"  # ran to its last step (not Tune's "done": Tune sets it for stopped trials too)
         else:
             status = "KILLED"
         if run is not None and run.info.status != status:
