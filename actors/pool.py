@@ -87,7 +87,8 @@ class TeacherPool:
 
     @classmethod
     def start(cls, teachers: list[TeacherInfo], active: list[int], *, num_cpus: float, num_gpus: float,
-              threads: int, regression: bool, plan: PlacementPlan | None = None) -> "TeacherPool":
+              threads: int, regression: bool, plan: PlacementPlan | None = None,
+              attn_implementation: str | None = None) -> "TeacherPool":
         """Check placement, then start one actor per active teacher and wait until all are loaded.
 
         Args:
@@ -95,6 +96,7 @@ class TeacherPool:
             num_cpus / num_gpus: resources per actor; threads: torch threads per actor on CPU.
             regression: teachers have a regression head.
             plan: the full placement plan (teachers and student workers) to check first.
+            attn_implementation: "eager" when requests need attentions (see `Teacher`); None: default.
 
         Raises:
             SkdError: the cluster cannot hold the plan.
@@ -107,7 +109,8 @@ class TeacherPool:
         for i in active:
             t = teachers[i]
             actors[i] = remote.remote(
-                i, t.checkpoint, t.num_labels, regression, threads, "cuda" if num_gpus > 0 else "cpu")
+                i, t.checkpoint, t.num_labels, regression, threads, "cuda" if num_gpus > 0 else "cpu",
+                attn_implementation)
         ray.get([a.ping.remote() for a in actors.values()])
         return cls(teachers, actors)
 

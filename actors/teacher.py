@@ -35,12 +35,12 @@ class Teacher:
         regression: the checkpoint is a regression head (1 output).
         threads: torch intra-op threads on CPU.
         device: "cuda" or "cpu"; "auto" picks cuda when visible.
-        attn_implementation: "eager" (default) can return attentions; "sdpa" is faster for logits and
-            hidden states but cannot serve attentions or the cls-attention token modes.
+        attn_implementation: None keeps transformers' default (sdpa: fastest for logits and hidden
+            states); "eager" is needed to serve attentions or the cls-attention token modes.
     """
 
     def __init__(self, index: int, checkpoint: str, num_labels: int, regression: bool = False, threads: int = 1,
-                 device: str = "auto", attn_implementation: str = "eager") -> None:
+                 device: str = "auto", attn_implementation: str | None = None) -> None:
         from orchestrator.models import load_classifier
 
         self.index = index

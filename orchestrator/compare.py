@@ -25,7 +25,10 @@ def variant_overrides(variant: str) -> list[str]:
     Raises:
         ConfigError: an unknown variant.
     """
-    if variant in ("no-kd", "average") or variant.startswith("single:"):
+    if variant in ("no-kd", "average"):
+        # soft labels only: no-kd has no teacher, average mixes teachers of different widths
+        return [f"distill.strategy={variant}", "distill.knowledge.outputs=[]"]
+    if variant.startswith("single:"):
         return [f"distill.strategy={variant}"]
     if variant.startswith("skd:"):
         return ["distill.strategy=skd", f"distill.distribution.family={variant[4:]}"]

@@ -175,6 +175,12 @@ class KnowledgeConfig(_Strict):
                          f"`skd cache build`)")
 
     @property
+    def needs_attentions(self) -> bool:
+        """Teachers must run eager attention: attentions are distilled, or HSK tokens are chosen by [CLS]
+        attention."""
+        return "attentions" in self.outputs or ("hidden" in self.outputs and self.tokens.startswith("cls-attention"))
+
+    @property
     def cache_path(self) -> Path | None:
         """The cache folder of `source: cache:PATH`, absolute; None when online."""
         return Path(self.source[6:]).expanduser().resolve() if self.source.startswith("cache:") else None
@@ -279,6 +285,9 @@ class SkdConfig(_Strict):
                                          or any(l < 1 or (n is not None and l > n) for l in layers)):
             raise ValueError(f"distill.knowledge.layers: {layers} must be distinct 1-based student layers "
                              f"(student.num_layers = {n})")
+        if kn.outputs and kn.schedule == "none":
+            raise ValueError(f"distill.knowledge.schedule: none applies no internal-representation loss, but "
+                             f"outputs are {kn.outputs}; use joint, all, progressive or stacked (or outputs: [])")
         if kn.tokens != "all" and kn.num_tokens is None:
             raise ValueError(f"distill.knowledge.num_tokens is required with tokens={kn.tokens}")
         return self

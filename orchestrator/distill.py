@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors.knowledge import KnowledgeRequest
 from actors.manifest import TeacherInfo, read_manifest, validate_teachers
 from actors.pool import PlacementPlan, TeacherPool
 from orchestrator import tracking
 from orchestrator.config import SkdConfig, flatten
+from orchestrator.errors import ConfigError
 from orchestrator.runner import Inputs, RunResult, make_spec, prepare_inputs, run_training
 from orchestrator.runtime import cluster_gpus, ray_session
 from orchestrator.sampling import TeacherSampler, sampling_distribution
@@ -86,23 +88,37 @@ def plan_run(cfg: SkdConfig, inputs: Inputs) -> Plan:
                 default_run_name(cfg), family)
 
 
-def knowledge_fields(cfg: SkdConfig, inputs: Inputs, plan: Plan) -> dict[str, Any]:
+def knowledge_fields(cfg: SkdConfig, inputs: Inputs, plan: Plan, soft_labels_only: bool = False) -> dict[str, Any]:
     """`TrainSpec` settings for the run's knowledge: the request, IR schedule and weights, teacher widths,
     and, with `distill.knowledge.source: cache:PATH`, the cache and its expected fingerprint.
 
-    The cache is opened and checked here, on the driver, so a missing, partial or mismatched cache is a
-    clear error before any Ray resources are taken.
+    The schedule and the cache are checked here, on the driver, so a schedule too long for the run or a
+    missing, partial or mismatched cache is a clear error before any Ray resources are taken. A cache
+    holding more outputs than the run uses (e.g. hidden + attentions + cls for a soft-label run) serves it.
+
+    Args:
+        soft_labels_only: ask for logits only (student-rank pre-passes score soft-label distillation).
 
     Raises:
-        ConfigError: an invalid request; CacheError: the cache is missing, partial or built for another setup.
+        ConfigError: an invalid request or schedule; CacheError: the cache is missing, partial or built for
+            another setup.
     """
     from actors.cache import KnowledgeCache
     from orchestrator.knowledge_cache import cache_fingerprint, knowledge_request
+    from orchestrator.schedule import stage_at
+    from orchestrator.train_loop import plan_steps
 
     if plan.strategy not in ("skd", "average"):
         return {}
     kn = cfg.distill.knowledge
-    request = knowledge_request(cfg, inputs)
+    request = KnowledgeRequest(wire_dtype=kn.wire_dtype) if soft_labels_only else knowledge_request(cfg, inputs)
+    if request.needs_layers:
+        d = cfg.distill
+        _, total = plan_steps(len(inputs.train), d.batch_size, cfg.ray.num_workers, d.epochs, d.max_steps)
+        try:
+            stage_at(0, total, kn.schedule, request.student_layers, kn.ir_fraction)
+        except ValueError as exc:
+            raise ConfigError(f"distill.knowledge: {exc}") from None
     fields: dict[str, Any] = {
         "request": request, "schedule": kn.schedule if request.needs_layers else "none",
         "ir_fraction": kn.ir_fraction,
@@ -111,12 +127,13 @@ def knowledge_fields(cfg: SkdConfig, inputs: Inputs, plan: Plan) -> dict[str, An
     if kn.cache_path is not None:
         fingerprint = cache_fingerprint(cfg, inputs, plan.teachers, request)
         built = KnowledgeCache.open(kn.cache_path)  # missing or partial caches fail here
-        cached_outputs = built.manifest["fingerprint"].get("request", {}).get("outputs", [])
-        if set(fingerprint["request"]["outputs"]) <= set(cached_outputs):
-            # a cache holding more outputs (e.g. hidden + attentions + cls) serves a run that uses fewer;
-            # every other setting must match exactly
-            fingerprint["request"]["outputs"] = list(cached_outputs)
+        cached = built.manifest["fingerprint"].get("request", {})
         built.close()
+        wanted = fingerprint["request"]
+        if not request.needs_layers and cached.get("wire_dtype") == wanted["wire_dtype"]:
+            fingerprint["request"] = cached  # soft labels only: any cache of these teachers and rows serves
+        elif set(wanted["outputs"]) <= set(cached.get("outputs", [])):
+            wanted["outputs"] = list(cached["outputs"])  # fewer outputs; every selection setting must match
         KnowledgeCache.open(kn.cache_path, fingerprint).close()
         fields.update(knowledge_cache=str(kn.cache_path), cache_fingerprint=fingerprint)
     return fields
@@ -155,7 +172,7 @@ def student_rank_scores(cfg: SkdConfig, inputs: Inputs, plan: Plan, pool: Teache
                              strategy="skd", probs=probs, pool=pool, teacher_names=[x.name for x in plan.teachers],
                              threads=int(cfg.ray.cpus_per_worker), max_steps=cfg.distill.distribution.prepass_steps,
                              eval_every=cfg.distill.distribution.prepass_steps,
-                             **knowledge_fields(cfg, inputs, plan))
+                             **knowledge_fields(cfg, inputs, plan, soft_labels_only=True))
             res = run_training(cfg, spec, run_name=f"prepass-{t.name}", model_out=cfg.out_dir() / "prepass" / t.name,
                                params={"prepass.teacher": t.name, "prepass.steps": str(spec.max_steps)},
                                tags={"skd.kind": "prepass", "skd.prepass_key": key, "skd.task": cfg.task,
@@ -194,7 +211,8 @@ def start_teacher_pool(cfg: SkdConfig, teachers: list[TeacherInfo], active: list
     placement = PlacementPlan(len(active), tc.num_cpus, gpus, workers, cfg.ray.cpus_per_worker, worker_gpus)
     print(f"[skd] starting {len(active)} teacher actor(s): {', '.join(teachers[i].name for i in active)}", flush=True)
     return TeacherPool.start(teachers, active, num_cpus=tc.num_cpus, num_gpus=gpus, threads=tc.threads,
-                             regression=regression, plan=placement)
+                             regression=regression, plan=placement,
+                             attn_implementation="eager" if cfg.distill.knowledge.needs_attentions else None)
 
 
 def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None = None,

@@ -80,7 +80,8 @@ def cache_fingerprint(cfg: SkdConfig, inputs: Inputs, teachers: list[TeacherInfo
 
     The training rows are identified by a SHA-256 over their token ids (so another subset, seed, max_length
     or tokenizer gives another fingerprint); teachers by name, shape, size and dev score (not by path, so
-    a cache stays valid when moved).
+    a cache stays valid when moved) and the MLflow run that fine-tuned them (a re-prepared teacher with
+    the same dev score is another teacher).
     """
     digest = hashlib.sha256()
     for row in inputs.train.input_ids:
@@ -91,7 +92,8 @@ def cache_fingerprint(cfg: SkdConfig, inputs: Inputs, teachers: list[TeacherInfo
         "max_length": cfg.data.max_length,
         "dataset": {"rows": len(inputs.train), "token_ids_sha256": digest.hexdigest()[:32]},
         "teachers": [{"name": t.name, "num_layers": t.num_layers, "hidden_size": t.hidden_size,
-                      "parameters": t.parameters, "dev_metric": round(t.dev_metric, 8)} for t in teachers],
+                      "parameters": t.parameters, "dev_metric": round(t.dev_metric, 8),
+                      "mlflow_run_id": t.mlflow_run_id} for t in teachers],
     }
 
 
@@ -176,9 +178,11 @@ def build_cache(cfg: SkdConfig, path: Path | None = None, *, overwrite: bool = F
     writer.write_example_ids(inputs.train.ids)
     fraction = None
     if "hidden" in request.outputs:
-        previous = writer.manifest.get("hsk_fraction")
-        # a resumed build measured only its own shards; keep the first build's figure when it has one
-        fraction = float(kept.sum() / full.sum()) if full.sum() > 0 else previous
+        measured = float(kept.sum() / full.sum()) if full.sum() > 0 else None
+        if len(todo) and all(len(v) == writer.num_shards for v in todo.values()):
+            fraction = measured  # every shard written by this build
+        else:  # a resumed build saw only the missing shards: keep the fraction recorded earlier, if any
+            fraction = writer.manifest.get("hsk_fraction") or measured
     writer.finalize(fraction)
     return {**cache_summary(path), "path": str(path)}
 

@@ -155,7 +155,7 @@ def test_student_equal_to_teacher_has_zero_ir_losses(tiny_model):
     from actors.selection import gather, gather_attention
     from actors.teacher import Teacher
 
-    teacher = Teacher(0, str(tiny_model), 2, device="cpu")
+    teacher = Teacher(0, str(tiny_model), 2, device="cpu", attn_implementation="eager")
     ids = np.array([[101, 2023, 2003, 1037, 102, 0], [101, 7592, 102, 0, 0, 0]], dtype=np.int64)
     batch = TokenBatch(ids, (ids > 0).astype(np.int64), np.arange(2, dtype=np.int64))
     request = KnowledgeRequest(outputs=("hidden", "attentions", "cls"), student_layers=(3, 4), student_num_layers=4,

@@ -257,7 +257,8 @@ def teachers(tiny_model, tmp_path_factory):
     from tests.tiny import make_tiny_bert
 
     small = make_tiny_bert(tmp_path_factory.mktemp("t2") / "bert", num_layers=2, hidden=48, heads=3, seed=1)
-    return Teacher(0, str(tiny_model), 2, device="cpu"), Teacher(1, str(small), 2, device="cpu")
+    return (Teacher(0, str(tiny_model), 2, device="cpu", attn_implementation="eager"),
+            Teacher(1, str(small), 2, device="cpu", attn_implementation="eager"))
 
 
 def _batch():

@@ -131,9 +131,10 @@ def test_pbt_trials_train_in_segments_and_exploit_with_state(campaign):
     base = campaign["raw"]
     raw = {**base, "distill": {**base["distill"], "max_steps": 12, "eval_every": 4, "gsnr_every": None},
            "mlflow": {**base["mlflow"], "run_name": "pbt"},
-           "tune": {"space": {"alpha": {"uniform": [0.3, 0.7]}, "lr": {"loguniform": [5.0e-4, 2.0e-3]}},
+           "tune": {"space": {"alpha": {"uniform": [0.3, 0.7]}, "lr": {"loguniform": [5.0e-4, 2.0e-3]},
+                              "family": {"choice": ["uniform", "teacher-rank"]}},
                     "num_samples": 2, "scheduler": "pbt", "quantile_fraction": 0.5, "max_concurrent": 2,
-                    "seed": 5}}
+                    "synch": True, "seed": 5}}
     client = campaign["client"]
     res = run_campaign(load_config(None, base=raw))
     children = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
@@ -151,6 +152,9 @@ def test_pbt_trials_train_in_segments_and_exploit_with_state(campaign):
     assert all(t["status"] == "FINISHED" for t in res.trials)
 
 
-def test_pbt_needs_random_search(tiny_model, tmp_path):
+def test_pbt_needs_random_search_and_concurrent_trials(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="pbt .*search random"):
-        load_config(None, base=tiny_raw(tmp_path, tiny_model, tune={"scheduler": "pbt", "search": "optuna"}))
+        load_config(None, base=tiny_raw(tmp_path, tiny_model, tune={"scheduler": "pbt", "search": "optuna",
+                                                                    "max_concurrent": 2}))
+    with pytest.raises(ConfigError, match="max_concurrent >= 2"):
+        load_config(None, base=tiny_raw(tmp_path, tiny_model, tune={"scheduler": "pbt"}))

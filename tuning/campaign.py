@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,8 @@ def absolute_raw(cfg: SkdConfig) -> dict[str, Any]:
     raw["ray"]["storage_path"] = str(cfg.storage_path())
     raw["mlflow"]["tracking_uri"] = cfg.tracking_uri()
     raw["data"]["glue_dir"] = str(cfg.data.resolved_glue_dir())
+    if cfg.distill.knowledge.cache_path is not None:
+        raw["distill"]["knowledge"]["source"] = f"cache:{cfg.distill.knowledge.cache_path}"
     raw["student"]["init"] = resolve_model(cfg.student.init)
     for m in raw["teachers"]["members"]:
         m["init"] = resolve_model(m["init"])
@@ -119,14 +120,15 @@ def pbt_trial_fn(config: dict[str, Any], *, base: dict[str, Any], pool: TeacherP
                                         tracking.default_artifact_root(cfg.tracking_uri()))
     found = client.search_runs([exp_id], f"tags.`skd.trial_id` = '{trial_id}'", max_results=1)
     run_id = found[0].info.run_id if found else None  # a restarted trial keeps its one MLflow run
-    tmp = Path(tempfile.mkdtemp(prefix="skd-pbt-"))
+    start, ckpt_dir = 0, None
+    checkpoint = tune.get_checkpoint()  # own (restored campaign) or a better trial's (PBT exploit)
+    if checkpoint is not None:
+        ckpt_dir = checkpoint.path  # in Tune's storage, which every node of a cluster reaches
+        start = int(json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["state"]["step"])
+        if run_id is not None:
+            client.set_tag(run_id, f"pbt.restored.step{start:06d}", checkpoint.path)
+    previous_segment: Path | None = None
     try:
-        start, ckpt_dir = 0, None
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            ckpt_dir = checkpoint.to_directory(str(tmp / "start"))
-            start = int(json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["state"]["step"])
-        previous_segment: Path | None = None
         for stop in [s for s in segment_stops(total, d.eval_every, interval) if s > start]:
             res = run_distill(cfg, resume_from=ckpt_dir, stop_after=stop if stop < total else None, pool=pool,
                               student_scores=student_scores, register_as=None, continue_run=run_id, inputs=inputs,
@@ -148,7 +150,8 @@ def pbt_trial_fn(config: dict[str, Any], *, base: dict[str, Any], pool: TeacherP
             previous_segment = Path(res.checkpoint).parent
             ckpt_dir, start = res.checkpoint, res.steps
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if previous_segment is not None:  # the last segment's Ray Train folder; Tune holds its checkpoint
+            shutil.rmtree(previous_segment, ignore_errors=True)
 
 
 @dataclass
@@ -183,10 +186,13 @@ def _scheduler(section: TuneSection):
         def explore(config: dict[str, Any]) -> dict[str, Any]:
             return {k: space[k].clamp(v) if k in space else v for k, v in config.items()}
 
-        # one Tune report per segment (= perturbation_interval evaluations), see pbt_trial_fn
+        # one Tune report per segment (= perturbation_interval evaluations), see pbt_trial_fn. Choices go
+        # as lists (PBT shifts them to a neighbouring value); ranges as domains (resampled or scaled by
+        # 0.8/1.2, then clamped by `explore`).
+        mutations = {k: list(d.choice) if d.choice is not None else d.domain() for k, d in space.items()}
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=1,
-                                       hyperparam_mutations={k: d.domain() for k, d in space.items()},
-                                       quantile_fraction=section.quantile_fraction, custom_explore_fn=explore)
+                                       hyperparam_mutations=mutations, quantile_fraction=section.quantile_fraction,
+                                       custom_explore_fn=explore, synch=section.synch)
 
     if section.scheduler == "asha":
         # time in evaluations (Tune's training_iteration = one report per dev evaluation)
@@ -275,6 +281,8 @@ def run_campaign(cfg: SkdConfig, *, resume: bool = False) -> CampaignResult:
                                                 # trial's Ray Train controller and the next trainer stalls
                                                 reuse_actors=False),
                     run_config=tune.RunConfig(name=Path(tune_dir).name, storage_path=str(Path(tune_dir).parent),
+                                              # PBT trials report a checkpoint per segment: keep the newest
+                                              checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
                                               verbose=1))
             grid = tuner.fit()
             trials = settle_trials(client, exp_id, grid, metric, section.mode)

@@ -122,6 +122,8 @@ class TuneSection(BaseModel):
     perturbation_interval: int = Field(1, gt=0, description="PBT: evaluations between exploit/explore steps.")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5,
                                      description="PBT: bottom fraction of trials that copy a top trial's checkpoint.")
+    synch: bool = Field(False, description="PBT: wait for every trial at each perturbation point (deterministic "
+                                            "exploits; slower when trials run at different speeds).")
 
     @model_validator(mode="after")
     def _known_names(self) -> "TuneSection":
@@ -131,6 +133,9 @@ class TuneSection(BaseModel):
         if self.scheduler == "pbt" and self.search != "random":
             raise ValueError("scheduler pbt samples and mutates the space itself: use search random "
                              "(--search random), not optuna")
+        if self.scheduler == "pbt" and self.max_concurrent < 2:
+            raise ValueError("scheduler pbt compares trials that train at the same time: set max_concurrent >= 2 "
+                             "(--max-concurrent 4); with one trial at a time PBT never exploits")
         return self
 
 
