@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(BIN)/skd distill -c configs/sst2.yaml
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/step_bench.py

@@ -50,6 +50,7 @@ MANIFEST = "manifest.json"
 REBUILD = "re-run `skd cache build -c CONFIG`"
 
 EXAMPLE_IDS = "example_ids.safetensors"
+INDEX_TENSORS = ("token_index", "token_mask", "width_index")  # stored compactly, returned as int64
 TENSORS = ("logits", "hidden", "token_index", "token_mask", "width_index", "attentions", "cls")
 LAYERED = ("hidden", "width_index", "attentions", "cls")  # axis 1 is the layer axis k
 TOKEN_AXIS = {"hidden": 2, "token_index": 1, "token_mask": 1, "attentions": 3}  # the K axis, with B first
@@ -368,6 +369,13 @@ class CacheWriter:
                 raise CacheError(f"knowledge.{key} has shape {value.shape}; shard {shard} of teacher {name} "
                                  f"needs {end - start} rows (ids {start}..{end - 1} in order)")
             tensors[key] = value
+        for key in INDEX_TENSORS:  # positions < 32768 and 0/1 masks: int16 / uint8 on disk, int64 when read
+            value = tensors.get(key)
+            if value is not None and value.dtype.kind in "iu" and value.size:
+                if key == "token_mask" and value.min() >= 0 and value.max() <= 1:
+                    tensors[key] = value.astype(np.uint8)
+                elif value.min() >= 0 and value.max() < 2 ** 15:
+                    tensors[key] = value.astype(np.int16)
         if not tensors:
             raise CacheError(f"knowledge for shard {shard} of teacher {name} holds no arrays; the request must ask "
                              f"for at least one of {list(OUTPUT_TENSORS)}")
@@ -652,7 +660,7 @@ class KnowledgeCache:
                 rows = row_of[sel]
                 block = src[rows[:, None], pos[None, :]] if pos is not None and key in LAYERED else src[rows]
                 arr[sel] = block[tuple(cut)]
-            out[key] = arr
+            out[key] = arr.astype(np.int64) if key in INDEX_TENSORS else arr  # as served online
         if layers is not None and any(k in LAYERED for k in keys):
             kept = layers if pos is None else [layers[i] for i in pos]
             out["layers"] = np.asarray(kept, dtype=np.int64)

@@ -129,7 +129,7 @@ def test_pbt_trials_train_in_segments_and_exploit_with_state(campaign):
     """PBT: each trial is one MLflow run through all its segments; an exploited trial continues from the
     donor's checkpoint (teacher counts carry over) with perturbed values logged as hp/ metrics."""
     base = campaign["raw"]
-    raw = {**base, "distill": {**base["distill"], "max_steps": 12, "eval_every": 4, "gsnr_every": None},
+    raw = {**base, "distill": {**base["distill"], "max_steps": 8, "eval_every": 4, "gsnr_every": None},
            "mlflow": {**base["mlflow"], "run_name": "pbt"},
            "tune": {"space": {"alpha": {"uniform": [0.3, 0.7]}, "lr": {"loguniform": [5.0e-4, 2.0e-3]},
                               "family": {"choice": ["uniform", "teacher-rank"]}},
@@ -143,9 +143,9 @@ def test_pbt_trials_train_in_segments_and_exploit_with_state(campaign):
     for child in children:
         rid = child.info.run_id
         served = sum(child.data.metrics[f"teacher_samples/{n}"] for n in ("t4", "t2"))
-        assert served == 12 * 8  # counts restored from each segment's checkpoint, never restarted
+        assert served == 8 * 8  # counts restored from each segment's checkpoint, never restarted
         hist = client.get_metric_history(rid, "hp/lr")
-        assert {m.step for m in hist} >= {0, 4, 8}  # one record per segment start
+        assert {m.step for m in hist} >= {0, 4}  # one record per segment start
         lr_values.append({m.value for m in hist})
         assert all(0.3 <= m.value <= 0.7 for m in client.get_metric_history(rid, "hp/alpha"))  # explore clamps
     assert any(len(v) > 1 for v in lr_values), "no trial was exploited/perturbed"

@@ -216,6 +216,16 @@ def run_campaign(cfg: SkdConfig, *, resume: bool = False) -> CampaignResult:
     inputs = prepare_inputs(cfg, cfg.student.init)
     plan = plan_run(cfg, inputs)
     knowledge_fields(cfg, inputs, plan)  # a bad request or a missing/mismatched cache fails here, before Ray
+    if section.scheduler == "pbt":
+        from orchestrator.train_loop import eval_steps, plan_steps
+
+        d = cfg.distill
+        _, total = plan_steps(len(inputs.train), d.batch_size, cfg.ray.num_workers, d.epochs, d.max_steps)
+        evaluations = len(eval_steps(total, d.eval_every))
+        if section.perturbation_interval >= evaluations:
+            raise ConfigError(f"tune.perturbation_interval: {section.perturbation_interval} evaluations leave no "
+                              f"perturbation point in a run with {evaluations} evaluations; lower it or set "
+                              f"distill.eval_every smaller")
     teachers = validate_teachers(read_manifest(cfg.manifest_path()), [m.name for m in cfg.teachers.members],
                                  cfg.task, inputs.spec.num_labels, inputs.vocab)
     metric = section.metric or f"dev/{inputs.spec.metric}"
