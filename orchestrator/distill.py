@@ -197,12 +197,14 @@ def _figures(plan: Plan, metric: str):
 
 
 def start_teacher_pool(cfg: SkdConfig, teachers: list[TeacherInfo], active: list[int], regression: bool,
-                       student_workers: int | None = None) -> TeacherPool:
+                       student_workers: int | None = None, wait: bool = True) -> TeacherPool:
     """Start the actors of `active` teachers with the config's resources (one GPU each when the cluster
     has GPUs and `teachers.num_gpus` is auto), after checking the placement of teachers and student workers.
+    With wait=False the teachers load in the background (see `TeacherPool.start`).
 
     Raises:
-        SkdError: the cluster cannot hold the teachers plus `student_workers` (default `ray.num_workers`).
+        SkdError: the cluster cannot hold the teachers plus `student_workers` (default `ray.num_workers`), or
+            (wait=True) a teacher failed to load.
     """
     tc = cfg.teachers
     gpus = (1.0 if cluster_gpus() > 0 else 0.0) if tc.num_gpus == "auto" else float(tc.num_gpus)
@@ -212,7 +214,8 @@ def start_teacher_pool(cfg: SkdConfig, teachers: list[TeacherInfo], active: list
     print(f"[skd] starting {len(active)} teacher actor(s): {', '.join(teachers[i].name for i in active)}", flush=True)
     return TeacherPool.start(teachers, active, num_cpus=tc.num_cpus, num_gpus=gpus, threads=tc.threads,
                              regression=regression, plan=placement,
-                             attn_implementation="eager" if cfg.distill.knowledge.needs_attentions else None)
+                             attn_implementation="eager" if cfg.distill.knowledge.needs_attentions else None,
+                             wait=wait)
 
 
 def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None = None,
@@ -248,8 +251,8 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
     knowledge = knowledge_fields(cfg, inputs, plan)  # opens and checks a cache before Ray starts
     with ray_session(cfg.ray):
         own_pool = pool is None and plan.active and "knowledge_cache" not in knowledge
-        if own_pool:
-            pool = start_teacher_pool(cfg, plan.teachers, plan.active, inputs.spec.is_regression)
+        if own_pool:  # teachers load while Ray Train starts the student's workers
+            pool = start_teacher_pool(cfg, plan.teachers, plan.active, inputs.spec.is_regression, wait=False)
         try:
             if plan.family == "student-rank":
                 scores = student_scores or student_rank_scores(cfg, inputs, plan, pool)
@@ -265,11 +268,16 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
             params["distill.probs"] = json.dumps([round(p, 6) for p in plan.probs]) if plan.probs else "none"
             tags = {"skd.kind": "distill", "skd.task": cfg.task, "skd.strategy": cfg.distill.strategy,
                     "skd.distribution": plan.family, **(extra_tags or {})}
-            return run_training(cfg, spec, run_name=plan.run_name, tags=tags, params=params, resume=resume,
-                                model_out=cfg.out_dir() / "students" / plan.run_name,
-                                figures=_figures(plan, inputs.spec.metric), report_to_tune=report_to_tune,
-                                register_as=f"skd-{cfg.task}-student" if register_as == "default" else register_as,
-                                continue_run=continue_run)
+            try:
+                return run_training(cfg, spec, run_name=plan.run_name, tags=tags, params=params, resume=resume,
+                                    model_out=cfg.out_dir() / "students" / plan.run_name,
+                                    figures=_figures(plan, inputs.spec.metric), report_to_tune=report_to_tune,
+                                    register_as=f"skd-{cfg.task}-student" if register_as == "default" else register_as,
+                                    continue_run=continue_run)
+            except Exception:
+                if own_pool:  # a teacher that failed to load explains the failure better than the trainer
+                    pool.check_loaded(timeout_s=0)
+                raise
         finally:
             if own_pool:
                 pool.shutdown()

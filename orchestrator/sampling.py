@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
 
 from orchestrator.config import DistributionConfig
 from orchestrator.errors import ConfigError
@@ -28,6 +27,8 @@ from orchestrator.errors import ConfigError
 
 def rank_probs(scores: Sequence[float], gamma: float) -> np.ndarray:
     """p_i = r_i^gamma / sum_j r_j^gamma with r = ascending rank of `scores` (best = N). Shape [N]."""
+    from scipy.stats import rankdata  # here, not at import: scipy.stats costs ~1 s in every Ray worker
+
     ranks = rankdata(np.asarray(scores, dtype=np.float64), method="average")
     weights = ranks ** gamma
     return weights / weights.sum()

@@ -12,7 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from actors.manifest import read_manifest
-from orchestrator.distill import run_distill
+from orchestrator.distill import plan_run, run_distill, student_rank_scores
+from orchestrator.runner import prepare_inputs
 from orchestrator.teachers import prepare_teachers
 from tests.conftest import tiny_raw
 from orchestrator.config import load_config
@@ -51,10 +52,19 @@ def test_prepare_writes_manifest_and_one_finished_run_per_teacher(env):
     assert len(runs(env, "teacher")) == 2
 
 
-def test_distill_skd_logs_everything_and_saves_a_loadable_student(env):
+WEIGHTS = ("distill.distribution.family=weights", "distill.distribution.weights={t4: 3, t2: 1}")
+
+
+@pytest.fixture(scope="module")
+def weights_run(env):
+    """One uninterrupted SKD run with explicit weights (checked in detail, and the reference for resume)."""
+    return run_distill(env["cfg"](*WEIGHTS))
+
+
+def test_distill_skd_logs_everything_and_saves_a_loadable_student(env, weights_run):
     from transformers import AutoModelForSequenceClassification
 
-    res = run_distill(env["cfg"]("distill.distribution.family=weights", "distill.distribution.weights={t4: 3, t2: 1}"))
+    res = weights_run
     client = env["client"]
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED" and res.status == "FINISHED"
@@ -83,12 +93,11 @@ def test_distill_skd_logs_everything_and_saves_a_loadable_student(env):
     assert len(logged) == 1
 
 
-def test_resume_reproduces_the_teacher_sequence_and_losses(env):
-    client = env["client"]
-    full = run_distill(env["cfg"]("mlflow.run_name=uninterrupted"))
-    stopped = run_distill(env["cfg"]("mlflow.run_name=interrupted"), stop_after=4)
+def test_resume_reproduces_the_teacher_sequence_and_losses(env, weights_run):
+    client, full = env["client"], weights_run
+    stopped = run_distill(env["cfg"](*WEIGHTS, "mlflow.run_name=interrupted"), stop_after=4)
     assert stopped.status == "KILLED" and client.get_run(stopped.run_id).info.status == "KILLED"
-    resumed = run_distill(env["cfg"]("mlflow.run_name=interrupted"), resume=True)
+    resumed = run_distill(env["cfg"](*WEIGHTS, "mlflow.run_name=interrupted"), resume=True)
     assert resumed.run_id == stopped.run_id and resumed.status == "FINISHED"
     assert len(client.search_runs([env["exp"]], "tags.`mlflow.runName` = 'interrupted'")) == 1
     assert history(client, resumed.run_id, "train/teacher") == history(client, full.run_id, "train/teacher")
@@ -115,5 +124,8 @@ def test_student_rank_prepass_is_recorded_and_reused(env):
 
     ranks = rankdata([scores["t4"], scores["t2"]])
     np.testing.assert_allclose(probs, ranks / ranks.sum(), atol=1e-6)
-    run_distill(env["cfg"](*args, "mlflow.run_name=student-rank-again"))
-    assert len(runs(env, "prepass")) == 2  # reused, not retrained
+    # a second run with the same student, data and teachers reuses the pre-pass runs: no training, no pool
+    cfg = env["cfg"](*args, "mlflow.run_name=student-rank-again")
+    inputs = prepare_inputs(cfg, cfg.student.init)
+    assert student_rank_scores(cfg, inputs, plan_run(cfg, inputs), pool=None) == [scores["t4"], scores["t2"]]
+    assert len(runs(env, "prepass")) == 2

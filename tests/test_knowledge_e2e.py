@@ -14,15 +14,13 @@ from mlflow.tracking import MlflowClient
 
 from actors.cache import CacheMismatchError, KnowledgeCache, PartialCacheError
 from actors.knowledge import TokenBatch
-from actors.manifest import TeacherInfo, write_manifest
 from actors.teacher import Teacher
 from orchestrator.config import load_config
 from orchestrator.distill import knowledge_fields, plan_run, run_distill
 from orchestrator.knowledge_cache import build_cache, cache_fingerprint, knowledge_request
-from orchestrator.models import count_parameters, load_classifier, load_tokenizer, vocab_fingerprint
 from orchestrator.runner import prepare_inputs
 from tests.conftest import tiny_raw
-from tests.tiny import make_tiny_bert
+from tests.tiny import make_tiny_teachers
 
 KNOWLEDGE = {"outputs": ["hidden", "attentions", "cls"], "layers": 2, "tokens": "cls-attention-no-sep",
              "num_tokens": 4, "width": "random", "width_fraction": 0.5, "schedule": "stacked", "ir_fraction": 0.5,
@@ -38,20 +36,10 @@ def env(ray_cluster, tiny_model, tmp_path_factory):
     """Two untrained teachers of different depth AND width (4 x 32 with 2 heads, 2 x 48 with 3 heads), a
     manifest for them, and a cache built from them."""
     tmp = tmp_path_factory.mktemp("hsk")
-    shapes = {"ta": (4, 32, 2), "tb": (2, 48, 3)}
-    infos = []
-    for i, (name, (layers, hidden, heads)) in enumerate(shapes.items()):
-        folder = make_tiny_bert(tmp / name, num_layers=layers, hidden=hidden, heads=heads, seed=i + 1)
-        infos.append(TeacherInfo(name=name, checkpoint=str(folder), num_layers=layers, hidden_size=hidden,
-                                 parameters=count_parameters(load_classifier(str(folder), 2)),
-                                 dev_metric=0.6 - 0.05 * i, metric="accuracy",
-                                 vocab=vocab_fingerprint(load_tokenizer(str(folder))), num_labels=2, task="sst2",
-                                 mlflow_run_id=""))
-    write_manifest(tmp / "manifest.json", infos)
+    infos, teachers = make_tiny_teachers(tmp, {"ta": (4, 32, 2), "tb": (2, 48, 3)})
     raw = tiny_raw(tmp, tiny_model, student={"init": str(tiny_model), "num_layers": 2},
                    distill={"max_steps": 8, "eval_every": 8, "log_every": 1, "knowledge": KNOWLEDGE})
-    raw["teachers"] = {"members": [{"name": n, "init": str(tmp / n)} for n in shapes],
-                       "manifest": str(tmp / "manifest.json"), "num_cpus": 0.25}
+    raw["teachers"] = teachers
 
     def cfg(*overrides: str):
         return load_config(None, list(overrides), base=raw)

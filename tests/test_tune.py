@@ -8,8 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
 from orchestrator.errors import ConfigError
-from orchestrator.teachers import prepare_teachers
 from tests.conftest import tiny_raw
+from tests.tiny import make_tiny_teachers
 from tuning.campaign import _searcher, run_campaign, validate_space
 from tuning.space import Dimension, TuneSection
 
@@ -34,9 +34,9 @@ def campaign(ray4, tiny_model, tmp_path_factory):
     raw = tiny_raw(tmp, tiny_model, distill={"max_steps": 8, "batch_size": 8, "log_every": 4, "eval_every": 2,
                                              "gsnr_every": 4, "gsnr_probe_size": 4},
                    tune={"space": SPACE, "num_samples": 3, "scheduler": "asha", "grace_period": 1,
-                         "reduction_factor": 2, "seed": 3})
+                         "reduction_factor": 2, "seed": 3, "max_concurrent": 3})
+    raw["teachers"] = make_tiny_teachers(tmp / "teachers", {"t4": (4, 32, 2), "t2": (2, 32, 2)})[1]
     cfg = load_config(None, base=raw)
-    prepare_teachers(cfg)
     before = _teacher_actors()
     result = run_campaign(cfg)
     return {"cfg": cfg, "raw": raw, "result": result, "client": MlflowClient(cfg.tracking_uri()),
@@ -50,7 +50,7 @@ def _teacher_actors() -> int:
 
 def test_pool_is_created_once_for_all_trials(campaign):
     assert len(campaign["result"].trials) == 3
-    assert campaign["actors_created"] == 2  # t4 and t2, once, not once per trial
+    assert campaign["actors_created"] == 2  # t4 and t2, once, not once per trial (3 trials run at once)
 
 
 def test_parent_and_child_runs(campaign):
@@ -93,21 +93,25 @@ def test_resume_does_not_duplicate_runs(campaign):
 
 
 @pytest.mark.parametrize("search", ["random", "optuna"])
-def test_search_is_seeded_and_reproducible(ray4, search):
-    from ray import tune
-
+def test_search_is_seeded_and_reproducible(search):
+    """The same seed suggests the same configurations (Tune's searcher, asked directly: no trials run)."""
     section = TuneSection(space={"alpha": Dimension(uniform=(0.0, 1.0)), "lr": Dimension(loguniform=(1e-5, 1e-3))},
                           search=search, seed=11, num_samples=4)
 
-    def sample():
-        def objective(config):
-            tune.report({"score": config["alpha"]})
-        tuner = tune.Tuner(objective, param_space={k: d.domain() for k, d in section.space.items()},
-                           tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=4,
-                                                       search_alg=_searcher(section),
-                                                       max_concurrent_trials=None if search == "random" else 1))
-        return sorted((r.config["alpha"], r.config["lr"]) for r in tuner.fit())
-    assert sample() == sample()
+    def sample(seed):
+        searcher = _searcher(section.model_copy(update={"seed": seed, "max_concurrent": 4}))
+        space = {k: d.domain() for k, d in section.space.items()}
+        if search == "optuna":
+            searcher.set_search_properties("score", "max", space)
+            configs = [searcher.suggest(f"t{i}") for i in range(4)]
+        else:  # random search generates whole trials
+            searcher.add_configurations({"seeded": {"run": lambda config: None, "config": space, "num_samples": 4}})
+            configs = [searcher.next_trial().config for _ in range(4)]
+        return [(c["alpha"], c["lr"]) for c in configs]
+    first = sample(11)
+    assert len(set(first)) == 4 and all(0 <= a <= 1 and 1e-5 <= lr <= 1e-3 for a, lr in first)
+    assert sample(11) == first
+    assert sample(12) != first
 
 
 def test_bad_ranges_are_clear_errors(tiny_model, tmp_path):

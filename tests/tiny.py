@@ -22,3 +22,28 @@ def make_tiny_bert(folder: Path, num_layers: int = 4, hidden: int = 32, heads: i
     BertForSequenceClassification(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def make_tiny_teachers(folder: Path, shapes: dict[str, tuple[int, int, int]]) -> tuple[list, dict]:
+    """Untrained tiny teachers plus their manifest, as if `skd teachers prepare` had written them (for tests
+    that exercise serving, not fine-tuning). `shapes`: name -> (layers, hidden, heads); dev metrics are made
+    up (0.6, 0.55, ...), ranking the teachers in the given order.
+
+    Returns:
+        (TeacherInfo list, the config's `teachers` section pointing at them).
+    """
+    from actors.manifest import TeacherInfo, write_manifest
+    from orchestrator.models import count_parameters, load_classifier, load_tokenizer, vocab_fingerprint
+
+    infos = []
+    for i, (name, (layers, hidden, heads)) in enumerate(shapes.items()):
+        model = make_tiny_bert(folder / name, num_layers=layers, hidden=hidden, heads=heads, seed=i + 1)
+        infos.append(TeacherInfo(name=name, checkpoint=str(model), num_layers=layers, hidden_size=hidden,
+                                 parameters=count_parameters(load_classifier(str(model), 2)),
+                                 dev_metric=0.6 - 0.05 * i, metric="accuracy",
+                                 vocab=vocab_fingerprint(load_tokenizer(str(model))), num_labels=2, task="sst2",
+                                 mlflow_run_id=""))
+    write_manifest(folder / "manifest.json", infos)
+    section = {"members": [{"name": n, "init": str(folder / n)} for n in shapes],
+               "manifest": str(folder / "manifest.json"), "num_cpus": 0.25}
+    return infos, section
