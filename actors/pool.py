@@ -116,7 +116,11 @@ class TeacherPool:
                 attn_implementation)
         pool = cls(teachers, actors)
         if wait:
-            pool.check_loaded()
+            try:
+                pool.check_loaded()
+            except SkdError:
+                pool.shutdown()
+                raise
         return pool
 
     def check_loaded(self, timeout_s: float | None = None) -> None:
@@ -126,11 +130,12 @@ class TeacherPool:
             SkdError: naming the teacher whose actor failed to start (bad checkpoint, out of memory).
         """
         pings = {i: a.ping.remote() for i, a in self.actors.items()}
+        done, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=timeout_s)
         for i, ref in pings.items():
-            try:
-                ray.get(ref, timeout=timeout_s)
-            except ray.exceptions.GetTimeoutError:
+            if ref not in done:
                 continue  # still loading: not the cause of a failure
+            try:
+                ray.get(ref)
             except ray.exceptions.RayError as e:
                 raise SkdError(f"teacher {self.teachers[i].name} ({self.teachers[i].checkpoint}) failed to load: "
                                f"{e}") from e

@@ -276,7 +276,7 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
                                     continue_run=continue_run)
             except Exception:
                 if own_pool:  # a teacher that failed to load explains the failure better than the trainer
-                    pool.check_loaded(timeout_s=0)
+                    pool.check_loaded(timeout_s=5.0)
                 raise
         finally:
             if own_pool:

@@ -53,3 +53,24 @@ def test_token_batch_consistency_check():
         TokenBatch(np.zeros((2, 3), np.int64), np.zeros((2, 4), np.int64), np.arange(2)).check()
     with pytest.raises(ValueError, match="integer"):
         TokenBatch(np.zeros((2, 3)), np.zeros((2, 3)), np.arange(2)).check()
+
+
+def test_a_teacher_that_fails_to_load_is_named(ray_cluster, teachers, tmp_path):
+    """Teachers load in the background (wait=False, as `skd distill` starts them); a broken checkpoint is
+    reported with the teacher's name, whether the caller waits at start or checks later."""
+    import dataclasses
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(teachers[0].checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    ensemble = [teachers[0], dataclasses.replace(teachers[1], name="bad", checkpoint=str(broken))]
+    pool = TeacherPool.start(ensemble, [0, 1], num_cpus=0.25, num_gpus=0, threads=1, regression=False, wait=False)
+    try:
+        with pytest.raises(SkdError, match=r"teacher bad \(.*broken\) failed to load"):
+            pool.check_loaded()
+        assert pool.knowledge(0, batch()).logits.shape == (4, 2)  # the healthy teacher still serves
+    finally:
+        pool.shutdown()
+    with pytest.raises(SkdError, match="teacher bad"):
+        TeacherPool.start(ensemble, [1], num_cpus=0.25, num_gpus=0, threads=1, regression=False)
