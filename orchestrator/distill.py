@@ -268,16 +268,15 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
             params["distill.probs"] = json.dumps([round(p, 6) for p in plan.probs]) if plan.probs else "none"
             tags = {"skd.kind": "distill", "skd.task": cfg.task, "skd.strategy": cfg.distill.strategy,
                     "skd.distribution": plan.family, **(extra_tags or {})}
-            try:
-                return run_training(cfg, spec, run_name=plan.run_name, tags=tags, params=params, resume=resume,
-                                    model_out=cfg.out_dir() / "students" / plan.run_name,
-                                    figures=_figures(plan, inputs.spec.metric), report_to_tune=report_to_tune,
-                                    register_as=f"skd-{cfg.task}-student" if register_as == "default" else register_as,
-                                    continue_run=continue_run)
-            except Exception:
-                if own_pool:  # a teacher that failed to load explains the failure better than the trainer
-                    pool.check_loaded(timeout_s=5.0)
-                raise
+            return run_training(cfg, spec, run_name=plan.run_name, tags=tags, params=params, resume=resume,
+                                model_out=cfg.out_dir() / "students" / plan.run_name,
+                                figures=_figures(plan, inputs.spec.metric), report_to_tune=report_to_tune,
+                                register_as=f"skd-{cfg.task}-student" if register_as == "default" else register_as,
+                                continue_run=continue_run)
+        except Exception:
+            if own_pool:  # a teacher that failed to load explains a failed pre-pass or training run best
+                pool.check_loaded(timeout_s=5.0)
+            raise
         finally:
             if own_pool:
                 pool.shutdown()
