@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from actors.knowledge import Knowledge, KnowledgeRequest, TokenBatch
-from orchestrator.errors import SkdError
+from actors.errors import SkdError
 
 log = logging.getLogger(__name__)
 

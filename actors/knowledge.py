@@ -1,4 +1,5 @@
-"""The one batch type that crosses actor boundaries, the knowledge request, and the knowledge returned.
+"""The one batch type that crosses actor boundaries, the knowledge request, the knowledge returned, and the
+`KnowledgeSource` interface every provider of knowledge implements (the teacher pool, the cache reader).
 
 Arrays travel as numpy through Ray's object store (zero-copy, read-only on arrival: copy before
 writing). `TokenBatch.check()` enforces shape and dtype consistency at both ends.
@@ -7,6 +8,7 @@ writing). `TokenBatch.check()` enforces shape and dtype consistency at both ends
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -246,3 +248,50 @@ class Knowledge:
     def nbytes(self) -> int:
         """Bytes of all arrays present (what crosses the wire or lands in the cache)."""
         return int(sum(getattr(self, name).nbytes for name in self.ARRAYS if getattr(self, name) is not None))
+
+
+@runtime_checkable
+class PendingKnowledge(Protocol):
+    """Knowledge asked for and not yet received (a teacher call in flight, or a cache read not yet done)."""
+
+    def result(self) -> Knowledge:
+        """Block until the knowledge is there and return it (`wait_s` set to the seconds blocked)."""
+        ...
+
+
+@runtime_checkable
+class KnowledgeSource(Protocol):
+    """Where a trainer gets teacher knowledge: the teacher pool (`actors.pool.TeacherPool`, online) or an
+    offline cache (`actors.cache.CacheReader`). The training loop and the knowledge feed see only this.
+
+    Teacher indices are positions in `names` (the ensemble in config order). Implementations are
+    picklable, so the driver can hand one to Ray Train workers and Tune trials.
+    """
+
+    @property
+    def names(self) -> list[str]:
+        """Teacher names, [N], in ensemble order."""
+        ...
+
+    def live(self) -> list[int]:
+        """Indices of the teachers that can serve now (ascending)."""
+        ...
+
+    def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingKnowledge:
+        """Ask teacher k for the knowledge of one batch without waiting."""
+        ...
+
+    def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingKnowledge:
+        """Ask every live teacher; `result()` holds their logits averaged ([B, C] float32, teacher -1)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the source holds (actors, memory maps); the opener calls it once."""
+        ...
+
+
+def average_logits(parts: Sequence[Knowledge], wait_s: float) -> Knowledge:
+    """Multi-teacher averaging of soft labels (as TextBrewer's MultiTeacherDistiller): the mean of the
+    teachers' logits, [B, C] float32, as one `Knowledge` with teacher -1 and the slowest compute time."""
+    logits = np.mean([p.logits.astype(np.float32) for p in parts], axis=0)  # [B, C]
+    return Knowledge(-1, logits, max(p.compute_s for p in parts), wait_s)

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orchestrator.errors import TeacherError
+from actors.errors import TeacherError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import ray
 from actors.knowledge import Knowledge, KnowledgeRequest, TokenBatch
 from actors.manifest import TeacherInfo
 from actors.teacher import Teacher
-from orchestrator.errors import SkdError
+from actors.errors import SkdError
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class Teacher:
 
     def __init__(self, index: int, checkpoint: str, num_labels: int, regression: bool = False, threads: int = 1,
                  device: str = "auto", attn_implementation: str | None = None) -> None:
-        from orchestrator.models import load_classifier
+        from actors.models import load_classifier
 
         self.index = index
         if device == "auto":
@@ -136,7 +136,3 @@ class Teacher:
     def ping(self) -> int:
         """Liveness check used by the pool after start-up; returns the teacher index."""
         return self.index
-
-    def device_name(self) -> str:
-        """The torch device the teacher runs on ("cpu", "cuda", ...)."""
-        return str(self.device)

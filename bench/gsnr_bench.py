@@ -39,7 +39,7 @@ def main() -> None:
     from orchestrator.config import DataConfig
     from orchestrator.data import encode, load_split
     from orchestrator.gsnr import probe_gsnr
-    from orchestrator.models import load_classifier, load_tokenizer
+    from actors.models import load_classifier, load_tokenizer
 
     torch.set_num_threads(1)
     rows = max(args.batch_size, max(args.probe_sizes))

@@ -49,7 +49,7 @@ def main() -> None:
     from orchestrator.config import DataConfig
     from orchestrator.data import encode, load_split
     from orchestrator.losses import distillation_loss
-    from orchestrator.models import load_classifier, load_tokenizer
+    from actors.models import load_classifier, load_tokenizer
 
     torch.set_num_threads(1)
     n = args.warmup + args.steps

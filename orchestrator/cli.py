@@ -17,7 +17,7 @@ from rich.text import Text
 
 from orchestrator import runtime  # noqa: F401  (sets quiet Ray/MLflow environment defaults first)
 from orchestrator.config import DataConfig, MlflowConfig, load_config
-from orchestrator.errors import SkdError
+from actors.errors import SkdError
 
 app = typer.Typer(help="Stochastic knowledge distillation (SKDBERT) of BERT-style models on Ray, tracked in MLflow.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -218,7 +218,7 @@ def evaluate(model_dir: Annotated[Path, typer.Argument(help="A save_pretrained f
              max_length: int = 128, batch_size: int = 128):
     """The task's GLUE metric on the dev set for any saved model."""
     from orchestrator.data import encode, load_split, task_spec
-    from orchestrator.models import load_classifier, load_tokenizer
+    from actors.models import load_classifier, load_tokenizer
     from orchestrator.train_loop import evaluate as run_eval
 
     try:

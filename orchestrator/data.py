@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from orchestrator.config import DataConfig
-from orchestrator.errors import DataError
+from actors.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from actors.manifest import TeacherInfo, read_manifest, validate_teachers
 from actors.pool import PlacementPlan, TeacherPool
 from orchestrator import tracking
 from orchestrator.config import SkdConfig, flatten
-from orchestrator.errors import ConfigError
+from actors.errors import ConfigError
 from orchestrator.runner import Inputs, RunResult, make_spec, prepare_inputs, run_training
 from orchestrator.runtime import cluster_gpus, ray_session
 from orchestrator.sampling import TeacherSampler, sampling_distribution

@@ -23,7 +23,7 @@ from actors.knowledge import KnowledgeRequest, TokenBatch
 from actors.manifest import TeacherInfo, read_manifest, validate_teachers
 from actors.selection import top_layers
 from orchestrator.config import SkdConfig
-from orchestrator.errors import ConfigError
+from actors.errors import ConfigError
 from orchestrator.runner import Inputs, prepare_inputs
 
 LAYER_OUTPUTS = ("hidden", "attentions", "cls")
@@ -35,7 +35,7 @@ def student_num_layers(cfg: SkdConfig) -> int:
         return cfg.student.num_layers
     from transformers import AutoConfig
 
-    from orchestrator.models import resolve_model
+    from actors.models import resolve_model
 
     return int(AutoConfig.from_pretrained(resolve_model(cfg.student.init)).num_hidden_layers)
 
@@ -61,7 +61,7 @@ def knowledge_request(cfg: SkdConfig, inputs: Inputs) -> KnowledgeRequest:
         layers = tuple(sorted(kn.layers))
     sep = None
     if kn.tokens == "cls-attention-no-sep":
-        from orchestrator.models import load_tokenizer
+        from actors.models import load_tokenizer
 
         sep = load_tokenizer(inputs.tokenizer_init).sep_token_id
     try:

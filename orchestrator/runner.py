@@ -20,8 +20,8 @@ import ray
 
 from orchestrator.config import SkdConfig
 from orchestrator.data import Encoded, TaskSpec, encode, load_split, task_spec
-from orchestrator.errors import SkdError
-from orchestrator.models import load_tokenizer, resolve_model, vocab_fingerprint
+from actors.errors import SkdError
+from actors.models import load_tokenizer, resolve_model, vocab_fingerprint
 from orchestrator.train_loop import TrainSpec, train_loop
 from orchestrator import tracking
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from orchestrator.config import DistributionConfig
-from orchestrator.errors import ConfigError
+from actors.errors import ConfigError
 
 
 def rank_probs(scores: Sequence[float], gamma: float) -> np.ndarray:

@@ -15,8 +15,8 @@ import ray
 
 from actors.manifest import TeacherInfo, read_manifest, write_manifest
 from orchestrator.config import SkdConfig, TeacherMember, flatten
-from orchestrator.errors import TeacherError
-from orchestrator.models import count_parameters, load_classifier, load_tokenizer, vocab_fingerprint
+from actors.errors import TeacherError
+from actors.models import count_parameters, load_classifier, load_tokenizer, vocab_fingerprint
 from orchestrator.runner import Inputs, prepare_inputs, run_training, make_spec
 from orchestrator.runtime import ray_session
 from orchestrator.train_loop import evaluate

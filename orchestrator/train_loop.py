@@ -208,7 +208,7 @@ def train_loop(spec: TrainSpec) -> None:
     """Ray Train worker entry point (see module docstring). Reports dev metrics and checkpoints."""
     from transformers import get_linear_schedule_with_warmup
 
-    from orchestrator.models import load_classifier, load_tokenizer
+    from actors.models import load_classifier, load_tokenizer
     from orchestrator.tracking import MetricLogger
 
     ctx = ray.train.get_context()

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from actors.manifest import TeacherInfo, write_manifest
 from orchestrator.cli import app
-from orchestrator.models import load_tokenizer, vocab_fingerprint
+from actors.models import load_tokenizer, vocab_fingerprint
 from tests.conftest import tiny_raw
 
 runner = CliRunner()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import REPO_ROOT, load_config, parse_overrides
-from orchestrator.errors import ConfigError
+from actors.errors import ConfigError
 
 SHIPPED = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 

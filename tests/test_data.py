@@ -7,10 +7,10 @@ import pytest
 
 from orchestrator.config import DataConfig
 from orchestrator.data import encode, load_split
-from orchestrator.errors import DataError
+from actors.errors import DataError
 from orchestrator.metrics import glue_metrics
 from orchestrator.data import GLUE_TASKS
-from orchestrator.models import load_tokenizer
+from actors.models import load_tokenizer
 
 # rows per split, from ../shared/data/glue/SOURCES.md
 EXPECTED = {"sst2": (67349, 872), "cola": (8551, 1043), "mrpc": (3668, 408), "stsb": (5749, 1500)}

@@ -7,7 +7,7 @@ from actors.knowledge import KnowledgeRequest, TokenBatch
 from actors.manifest import TeacherInfo
 from actors.pool import PlacementPlan, TeacherPool
 from actors.teacher import Teacher
-from orchestrator.errors import SkdError
+from actors.errors import SkdError
 
 
 @pytest.fixture(scope="module")

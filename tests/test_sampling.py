@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import chisquare
 
 from orchestrator.config import DistributionConfig
-from orchestrator.errors import ConfigError
+from actors.errors import ConfigError
 from orchestrator.sampling import TeacherSampler, sampling_distribution
 
 NAMES = ["big", "mid", "small"]

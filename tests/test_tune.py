@@ -7,11 +7,11 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
-from orchestrator.errors import ConfigError
+from actors.errors import ConfigError
 from tests.conftest import tiny_raw
 from tests.tiny import make_tiny_teachers
 from tuning.campaign import _searcher, run_campaign, validate_space
-from tuning.space import Dimension, TuneSection
+from tuning.space import Dimension, TuneSection, domain
 
 SPACE = {"family": {"choice": ["uniform", "teacher-rank"]}, "alpha": {"uniform": [0.3, 0.7]},
          "lr": {"loguniform": [5.0e-4, 2.0e-3]}}
@@ -100,7 +100,7 @@ def test_search_is_seeded_and_reproducible(search):
 
     def sample(seed):
         searcher = _searcher(section.model_copy(update={"seed": seed, "max_concurrent": 4}))
-        space = {k: d.domain() for k, d in section.space.items()}
+        space = {k: domain(d) for k, d in section.space.items()}
         if search == "optuna":
             searcher.set_search_properties("score", "max", space)
             configs = [searcher.suggest(f"t{i}") for i in range(4)]

@@ -13,7 +13,7 @@ def make_tiny_bert(folder: Path, num_layers: int = 4, hidden: int = 32, heads: i
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from orchestrator.models import resolve_model
+    from actors.models import resolve_model
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
@@ -33,7 +33,7 @@ def make_tiny_teachers(folder: Path, shapes: dict[str, tuple[int, int, int]]) ->
         (TeacherInfo list, the config's `teachers` section pointing at them).
     """
     from actors.manifest import TeacherInfo, write_manifest
-    from orchestrator.models import count_parameters, load_classifier, load_tokenizer, vocab_fingerprint
+    from actors.models import count_parameters, load_classifier, load_tokenizer, vocab_fingerprint
 
     infos = []
     for i, (name, (layers, hidden, heads)) in enumerate(shapes.items()):

@@ -34,12 +34,12 @@ from actors.pool import TeacherPool
 from orchestrator import tracking
 from orchestrator.config import SkdConfig, load_config
 from orchestrator.distill import knowledge_fields, plan_run, run_distill, start_teacher_pool, student_rank_scores
-from orchestrator.errors import ConfigError, SkdError
-from orchestrator.models import resolve_model
+from actors.errors import ConfigError, SkdError
+from actors.models import resolve_model
 from orchestrator.checkpointing import STATE_FILE
 from orchestrator.runner import find_resumable_run, prepare_inputs
 from orchestrator.runtime import ray_session
-from tuning.space import KEYS, TuneSection, to_overrides
+from tuning.space import KEYS, TuneSection, domain, to_overrides
 
 
 def absolute_raw(cfg: SkdConfig) -> dict[str, Any]:
@@ -189,7 +189,7 @@ def _scheduler(section: TuneSection):
         # one Tune report per segment (= perturbation_interval evaluations), see pbt_trial_fn. Choices go
         # as lists (PBT shifts them to a neighbouring value); ranges as domains (resampled or scaled by
         # 0.8/1.2, then clamped by `explore`).
-        mutations = {k: list(d.choice) if d.choice is not None else d.domain() for k, d in space.items()}
+        mutations = {k: list(d.choice) if d.choice is not None else domain(d) for k, d in space.items()}
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=1,
                                        hyperparam_mutations=mutations, quantile_fraction=section.quantile_fraction,
                                        custom_explore_fn=explore, synch=section.synch)
@@ -280,7 +280,7 @@ def run_campaign(cfg: SkdConfig, *, resume: bool = False) -> CampaignResult:
             else:
                 tuner = tune.Tuner(
                     trainable,
-                    param_space={k: d.domain() for k, d in section.space.items()},
+                    param_space={k: domain(d) for k, d in section.space.items()},
                     tune_config=tune.TuneConfig(metric=metric, mode=section.mode, num_samples=section.num_samples,
                                                 scheduler=_scheduler(section),
                                                 search_alg=_searcher(section),

@@ -20,7 +20,7 @@ def list_runs(tracking_uri: str, experiment: str, console: Console, limit: int =
     Raises:
         SkdError: the experiment does not exist in the store.
     """
-    from orchestrator.errors import SkdError
+    from actors.errors import SkdError
 
     client = tracking.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)

