@@ -1,7 +1,7 @@
 """The teacher pool: one Ray actor per teacher, placed and checked before anything starts.
 
-The training loop calls the pool like a local object (`pool.submit(k, batch).result()`); scatter,
-`ray.get` and gather live here. The pool is picklable (it holds actor handles), so the driver passes
+The pool implements `actors.knowledge.KnowledgeSource`: the knowledge feed calls it like a local object
+(`pool.submit(k, batch, request).result()`); scatter, `ray.get` and gather live here. The pool is picklable (it holds actor handles), so the driver passes
 it to Ray Train workers and Tune trials: teachers load once per pool, never per trial.
 """
 
@@ -11,10 +11,9 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import ray
 
-from actors.knowledge import Knowledge, KnowledgeRequest, TokenBatch
+from actors.knowledge import Knowledge, KnowledgeRequest, TokenBatch, average_logits
 from actors.manifest import TeacherInfo
 from actors.teacher import Teacher
 from actors.errors import SkdError
@@ -52,11 +51,11 @@ class PlacementPlan:
                                f"{have:g}. Lower teachers.num_{res.lower()}s / ray.num_workers or add nodes")
 
 
-class PendingKnowledge:
-    """Knowledge requested but not yet received (one teacher, or several to average).
+class PendingAnswers:
+    """Knowledge requested from teacher actors but not yet received (one teacher, or several to average).
 
     `result()` blocks, records how long the caller waited, and averages logits over teachers when the
-    request went to all of them (multi-teacher averaging of logits, as TextBrewer's MultiTeacherDistiller).
+    request went to several (`actors.knowledge.average_logits`).
     """
 
     def __init__(self, refs: list[ray.ObjectRef], teacher: int) -> None:
@@ -64,17 +63,17 @@ class PendingKnowledge:
         self.teacher = teacher  # -1 for an average over teachers
 
     def result(self) -> Knowledge:
+        """The answer (`wait_s` = seconds blocked here)."""
         start = time.perf_counter()
         parts: list[Knowledge] = ray.get(self._refs)
         wait = time.perf_counter() - start
-        if len(parts) == 1:
+        if self.teacher >= 0:
             return dataclasses.replace(parts[0], wait_s=wait)  # every requested output, as served
-        logits = np.mean([p.logits.astype(np.float32) for p in parts], axis=0)  # [B, C]
-        return Knowledge(-1, logits, max(p.compute_s for p in parts), wait)
+        return average_logits(parts, wait)
 
 
 class TeacherPool:
-    """Ray actors serving the teacher ensemble.
+    """Ray actors serving the teacher ensemble (a `KnowledgeSource`).
 
     Args:
         teachers: all ensemble members (indices refer to this list).
@@ -119,7 +118,7 @@ class TeacherPool:
             try:
                 pool.check_loaded()
             except SkdError:
-                pool.shutdown()
+                pool.close()
                 raise
         return pool
 
@@ -142,24 +141,28 @@ class TeacherPool:
 
     @property
     def names(self) -> list[str]:
+        """Teacher names, [N], in ensemble order (started or not)."""
         return [t.name for t in self.teachers]
 
-    def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingKnowledge:
-        """Ask teacher k for knowledge of a batch without waiting (prefetch)."""
-        return PendingKnowledge([self.actors[k].knowledge.remote(batch, request)], k)
+    def live(self) -> list[int]:
+        """Indices of the teachers with a started actor."""
+        return sorted(self.actors)
 
-    def submit_average(self, batch: TokenBatch,
-                       request: KnowledgeRequest = KnowledgeRequest()) -> PendingKnowledge:
+    def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
+        """Ask teacher k for knowledge of a batch without waiting (prefetch)."""
+        return PendingAnswers([self.actors[k].knowledge.remote(batch, request)], k)
+
+    def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
         """Ask every started teacher; `result()` returns the logits averaged over teachers."""
         ref = ray.put(batch)  # one copy in the object store, shared by all teachers
-        return PendingKnowledge([a.knowledge.remote(ref, request) for a in self.actors.values()], -1)
+        return PendingAnswers([a.knowledge.remote(ref, request) for a in self.actors.values()], -1)
 
     def knowledge(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Knowledge:
         """Blocking form of `submit`."""
         return self.submit(k, batch, request).result()
 
-    def shutdown(self) -> None:
-        """Kill the actors (the driver that started the pool calls this)."""
+    def close(self) -> None:
+        """Kill the actors (the driver that started the pool calls this once)."""
         for a in self.actors.values():
             ray.kill(a)
         self.actors = {}

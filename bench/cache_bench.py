@@ -42,8 +42,8 @@ def main() -> None:
 
     from actors.manifest import read_manifest
     from orchestrator.distill import run_distill
-    from orchestrator.knowledge_cache import build_cache
-    from orchestrator.runner import prepare_inputs
+    from orchestrator.cache_build import build_cache
+    from orchestrator.data import prepare_inputs
 
     base = [*args.sets, f"distill.max_steps={args.steps}", f"distill.eval_every={args.steps}"]
     cfg = load_config(args.config, base)
@@ -61,7 +61,7 @@ def main() -> None:
         wide = run_distill(load_config(args.config, [*base, "mlflow.run_name=bench-cache-wide",
                                                      f"distill.knowledge.source=cache:{cache}",
                                                      f"ray.cpus_per_worker={args.cache_cpus}"]), register_as=None)
-    inputs = prepare_inputs(cfg, cfg.student.init)
+    inputs = prepare_inputs(cfg.data, cfg.task, cfg.student.init)
     teachers = read_manifest(cfg.manifest_path())
     tokens = sum(len(x) for x in inputs.train.input_ids)  # real tokens of the training split
     value_bytes = 4 if cfg.distill.knowledge.wire_dtype == "float32" else 2

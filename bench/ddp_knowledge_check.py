@@ -26,7 +26,7 @@ def main() -> int:
 
     from orchestrator.config import load_config
     from orchestrator.distill import run_distill
-    from orchestrator.knowledge_cache import build_cache
+    from orchestrator.cache_build import build_cache
     from tests.conftest import tiny_raw
     from tests.test_knowledge_e2e import KNOWLEDGE
     from tests.tiny import make_tiny_bert, make_tiny_teachers

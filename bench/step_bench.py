@@ -112,7 +112,7 @@ def main() -> None:
         student_step(batches[i], teacher_logits, prefetch)
 
     results["d_skd_prefetch"] = timed(skd_step)
-    pool.shutdown()
+    pool.close()
     ray.shutdown()
 
     slower = min(results["a_student_alone"], results["b_teacher_inprocess"])  # samples/s of the slower one

@@ -1,4 +1,7 @@
-"""The `skd` command line: teachers prepare, distill, evaluate.
+"""The `skd` command line, orchestrator part: teachers prepare, distill, cache build, compare, evaluate.
+
+`tuning.cli` adds the campaign commands (`tune`, `runs`) to this app and is the console entry point, so
+the layers stay one-way (tuning imports orchestrator, never the reverse).
 
 Every command validates its config before touching Ray; user errors print one readable message and
 exit with status 2.
@@ -15,9 +18,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator import runtime  # noqa: F401  (sets quiet Ray/MLflow environment defaults first)
-from orchestrator.config import DataConfig, MlflowConfig, load_config
 from actors.errors import SkdError
+from orchestrator import runtime  # noqa: F401  (sets quiet Ray/MLflow environment defaults first)
+from orchestrator.config import DataConfig, load_config
 
 app = typer.Typer(help="Stochastic knowledge distillation (SKDBERT) of BERT-style models on Ray, tracked in MLflow.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -32,7 +35,8 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a setting: --set distill.alpha=0.3 (repeatable).")]
 
 
-def _fail(exc: SkdError) -> None:
+def fail(exc: SkdError) -> None:
+    """Print a user error as one line (no traceback) and exit with status 2."""
     console.print(Text("error: ", style="bold red") + Text(str(exc)))  # Text: no markup parsing of "[t4]"
     raise typer.Exit(2)
 
@@ -48,7 +52,7 @@ def teachers_prepare(config: ConfigOpt, set_: SetOpt = None,
         cfg = load_config(config, set_)
         teachers = prepare_teachers(cfg, force=force)
     except SkdError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"teachers for {cfg.task} ({cfg.manifest_path()})")
     for col in ("name", "layers", "hidden", "parameters", f"dev {teachers[0].metric}", "checkpoint"):
         table.add_column(col)
@@ -81,7 +85,7 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
         result = run_distill(cfg, resume=resume, resume_from=str(resume_from) if resume_from else None,
                              stop_after=stop_after)
     except SkdError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"skd distill: {cfg.task}, run {result.run_name} ({result.status})")
     table.add_column("quantity")
     table.add_column("value")
@@ -110,13 +114,13 @@ def cache_build(config: ConfigOpt, set_: SetOpt = None,
                     help="Delete a cache built for another setup in that folder and build afresh.")] = False):
     """Run every teacher over the training set once and store its soft labels and selected hidden-state
     knowledge (distill.knowledge) as memory-mapped safetensors shards. An interrupted build resumes."""
-    from orchestrator.knowledge_cache import build_cache
+    from orchestrator.cache_build import build_cache
 
     try:
         cfg = load_config(config, set_)
         summary = build_cache(cfg, out, overwrite=overwrite)
     except SkdError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"knowledge cache {summary['path']}")
     table.add_column("quantity")
     table.add_column("value")
@@ -142,7 +146,7 @@ def compare(config: ConfigOpt, set_: SetOpt = None,
         cfg = load_config(config, set_)
         summaries = run_comparison(cfg, str(config), list(variant), list(seed), list(set_ or []))
     except SkdError as exc:
-        _fail(exc)
+        fail(exc)
     metric = summaries[0].metric
     table = Table(title=f"skd compare: {cfg.task}, seeds {list(seed)} (mean ± sample std)")
     for col in ("variant", f"dev {metric}", "retention", "wall s", "samples/s"):
@@ -157,60 +161,6 @@ def compare(config: ConfigOpt, set_: SetOpt = None,
 
 
 @app.command()
-def tune(config: ConfigOpt, set_: SetOpt = None,
-         num_samples: Annotated[Optional[int], typer.Option(help="Trials (default: tune.num_samples).")] = None,
-         scheduler: Annotated[Optional[str], typer.Option(help="asha | fifo | pbt (default: tune.scheduler).")] = None,
-         search: Annotated[Optional[str], typer.Option(help="random | optuna (default: tune.search).")] = None,
-         max_concurrent: Annotated[Optional[int], typer.Option(help="Trials at once (default: tune.max_concurrent).")] = None,
-         resume: Annotated[bool, typer.Option(help="Continue the newest unfinished campaign of this name.")] = False):
-    """Ray Tune campaign over sampling distributions and KD settings: one shared teacher pool, a parent
-    MLflow run per campaign and a nested run per trial."""
-    from orchestrator.tracking import ui_command
-    from tuning.campaign import run_campaign
-
-    extra = [f"tune.{k}={v}" for k, v in (("num_samples", num_samples), ("scheduler", scheduler),
-                                          ("search", search), ("max_concurrent", max_concurrent)) if v is not None]
-    try:
-        cfg = load_config(config, [*(set_ or []), *extra])
-        result = run_campaign(cfg, resume=resume)
-    except SkdError as exc:
-        _fail(exc)
-    ranked = sorted([t for t in result.trials if t["metric"] is not None], key=lambda t: -t["metric"])
-    if cfg.tune is not None and cfg.tune.mode == "min":
-        ranked.reverse()
-    table = Table(title=f"skd tune: {cfg.task}, {len(result.trials)} trials, {result.wall_s:.0f} s (best first)")
-    names = sorted({k for t in result.trials for k in t if k.startswith("param.")})
-    for col in ("trial", "status", result.metric, "evals", "GSNR", *[n[6:] for n in names]):
-        table.add_column(col)
-    for t in ranked[:10]:
-        cells = [f"{t[n]:.4g}" if isinstance(t.get(n), float) else str(t.get(n)) for n in names]
-        table.add_row(t["trial_id"], t["status"], f"{t['metric']:.4f}", str(t["evaluations"]),
-                      "-" if t["gsnr_mean"] is None else f"{t['gsnr_mean']:.3g}", *cells)
-    console.print(table)
-    console.print(f"campaign run {result.parent_run_id} in experiment {cfg.experiment_name()} "
-                  f"(id {result.experiment_id}); browse: [bold]{ui_command(cfg.tracking_uri())}[/]", highlight=False)
-
-
-@app.command()
-def runs(config: Annotated[Optional[Path], typer.Option("-c", "--config", help="Take the store and experiment from this config.")] = None,
-         tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite:///mlflow.db).")] = None,
-         experiment: Annotated[Optional[str], typer.Option(help="Experiment name (default: the config's).")] = None,
-         limit: int = 50):
-    """List campaigns (with their trials) and distill runs from the MLflow store, newest first."""
-    from tuning.runs import list_runs
-
-    try:
-        cfg = load_config(config) if config else None
-        uri = tracking_uri or (cfg.tracking_uri() if cfg else MlflowConfig().resolved_uri())
-        exp = experiment or (cfg.experiment_name() if cfg else None)
-        if exp is None:
-            raise SkdError("skd runs: pass -c CONFIG or --experiment NAME")
-        list_runs(uri, exp, console, limit)
-    except SkdError as exc:
-        _fail(exc)
-
-
-@app.command()
 def evaluate(model_dir: Annotated[Path, typer.Argument(help="A save_pretrained folder.")],
              task: Annotated[str, typer.Option(help="GLUE task name (cola, sst2, mrpc, stsb, ...).")],
              config: Annotated[Optional[Path], typer.Option("-c", "--config", help="Take data settings from this config.")] = None,
@@ -219,7 +169,7 @@ def evaluate(model_dir: Annotated[Path, typer.Argument(help="A save_pretrained f
     """The task's GLUE metric on the dev set for any saved model."""
     from orchestrator.data import encode, load_split, task_spec
     from actors.models import load_classifier, load_tokenizer
-    from orchestrator.train_loop import evaluate as run_eval
+    from orchestrator.trainer import evaluate as run_eval
 
     try:
         if not (model_dir / "config.json").is_file():
@@ -231,19 +181,10 @@ def evaluate(model_dir: Annotated[Path, typer.Argument(help="A save_pretrained f
         model = load_classifier(str(model_dir), spec.num_labels, regression=spec.is_regression)
         metrics = run_eval(model, encode(dev, tok, data.max_length), spec, int(tok.pad_token_id or 0), batch_size)
     except SkdError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"{model_dir} on {spec.name} dev ({len(dev)} rows)")
     table.add_column("metric")
     table.add_column("value")
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")
     console.print(table)
-
-
-def main() -> None:
-    """Console entry point (`skd`)."""
-    app(prog_name="skd")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

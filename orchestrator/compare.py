@@ -10,13 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 
-from actors.manifest import read_manifest, validate_teachers
-from orchestrator.config import SkdConfig, load_config
-from orchestrator.distill import plan_run, run_distill, start_teacher_pool
 from actors.errors import ConfigError
-from orchestrator.runner import RunResult, prepare_inputs
+from orchestrator.config import SkdConfig, load_config
+from orchestrator.data import prepare_inputs
+from orchestrator.distill import run_distill
+from orchestrator.plan import make_plan
+from orchestrator.runner import RunResult
 from orchestrator.runtime import ray_session
+from orchestrator.sources import open_source
 
 
 def variant_overrides(variant: str) -> list[str]:
@@ -66,25 +69,21 @@ class VariantSummary:
 
 def run_comparison(cfg: SkdConfig, config_path: str | None, variants: list[str], seeds: list[int],
                    overrides: list[str]) -> list[VariantSummary]:
-    """Run every variant with every seed, sharing one teacher pool.
+    """Run every variant with every seed, sharing one teacher pool (all teachers of the ensemble).
 
     Raises:
         SkdError: any variant's bad input, before Ray starts.
     """
-    configs = {(v, s): load_config(config_path, [*overrides, *variant_overrides(v), f"distill.seed={s}"])
-               for v in variants for s in seeds}
-    inputs = prepare_inputs(cfg, cfg.student.init)
-    for c in configs.values():
-        plan_run(c, inputs)  # validates teachers and distributions up front
-    teachers = validate_teachers(read_manifest(cfg.manifest_path()), [m.name for m in cfg.teachers.members],
-                                 cfg.task, inputs.spec.num_labels, inputs.vocab)
+    inputs = prepare_inputs(cfg.data, cfg.task, cfg.student.init)
+    plans = {(v, s): make_plan(load_config(config_path, [*overrides, *variant_overrides(v), f"distill.seed={s}"]),
+                               inputs) for v in variants for s in seeds}  # every variant validated up front
+    # one pool of the whole ensemble for every variant (or the cache they read); none when all are no-kd
+    shared = next((p for p in plans.values() if p.knowledge is not None), next(iter(plans.values())))
     results: dict[str, list[RunResult]] = {v: [] for v in variants}
     with ray_session(cfg.ray):
-        pool = start_teacher_pool(cfg, teachers, list(range(len(teachers))), inputs.spec.is_regression)
-        try:
-            for (v, s), c in configs.items():
+        everyone = list(range(len(shared.teachers)))
+        with open_source(shared, shared.resources(ray.cluster_resources(), len(everyone)), everyone) as pool:
+            for (v, s), plan in plans.items():
                 print(f"[skd] compare: {v} seed {s}", flush=True)
-                results[v].append(run_distill(c, pool=pool))
-        finally:
-            pool.shutdown()
+                results[v].append(run_distill(plan.cfg, source=pool, plan=plan))
     return [VariantSummary(v, results[v], inputs.spec.metric) for v in variants]

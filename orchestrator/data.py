@@ -19,8 +19,8 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from orchestrator.config import DataConfig
 from actors.errors import DataError
+from orchestrator.config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -269,3 +269,65 @@ def encode(examples: Examples, tokenizer, max_length: int) -> Encoded:
     """Tokenize with truncation (pairs: longest-first), no padding; padding happens per batch."""
     enc = tokenizer(examples.text_a, examples.text_b, truncation=True, max_length=max_length)
     return Encoded([list(x) for x in enc["input_ids"]], examples.labels, examples.ids)
+
+
+@dataclass
+class Inputs:
+    """A task's tokenized splits and the tokenizer facts every run needs (made once on the driver).
+
+    Attributes:
+        spec: the task; train / dev: the tokenized splits; pad_id: the tokenizer's pad token id.
+        vocab: `vocab_fingerprint` of the tokenizer (teachers must share it).
+        tokenizer_init: absolute folder or hub id of the tokenizer (workers run in other directories).
+    """
+
+    spec: TaskSpec
+    train: Encoded
+    dev: Encoded
+    pad_id: int
+    vocab: str
+    tokenizer_init: str
+
+
+def prepare_inputs(data: DataConfig, task: str, tokenizer_init: str) -> Inputs:
+    """Load, subset and tokenize the train and dev splits (pure Python, before any Ray resources).
+
+    Raises:
+        DataError: unknown task, missing/malformed files, unknown labels.
+        TeacherError: the tokenizer cannot be loaded.
+    """
+    from actors.models import load_tokenizer, resolve_model, vocab_fingerprint
+
+    spec = task_spec(task, data)
+    train_ex, dev_ex = load_split(task, data, "train"), load_split(task, data, "dev")
+    tok = load_tokenizer(tokenizer_init)
+    return Inputs(spec, encode(train_ex, tok, data.max_length), encode(dev_ex, tok, data.max_length),
+                  int(tok.pad_token_id or 0), vocab_fingerprint(tok), resolve_model(tokenizer_init))
+
+
+class StepBatches:
+    """Deterministic global batches: epoch e uses permutation rng(seed + e) of the rows; a step takes the
+    next batch_size * world rows and rank r keeps rows r::world of them.
+
+    `batches(step)` returns the rank's batch of a 0-based step as `Encoded.batch` does (input_ids and
+    attention_mask [B, L] int64, labels [B], ids [B]); the last two steps' batches are kept, so the
+    knowledge feed can build step t+1's request before the loop needs it without padding it twice.
+    """
+
+    def __init__(self, data: Encoded, pad_id: int, batch_size: int, world: int, rank: int, seed: int,
+                 per_epoch: int) -> None:
+        self.data, self.pad_id, self.global_batch, self.world, self.rank = data, pad_id, batch_size * world, world, rank
+        self.seed, self.per_epoch = seed, per_epoch
+        self._perm: tuple[int, np.ndarray] | None = None
+        self._built: dict[int, dict[str, np.ndarray]] = {}
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        if step in self._built:
+            return self._built[step]
+        epoch, i = divmod(step, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng(self.seed + epoch).permutation(len(self.data)))
+        rows = self._perm[1][i * self.global_batch: (i + 1) * self.global_batch]
+        self._built = {k: v for k, v in self._built.items() if k >= step - 1}
+        self._built[step] = self.data.batch(rows[self.rank:: self.world], self.pad_id)
+        return self._built[step]

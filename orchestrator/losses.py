@@ -8,8 +8,13 @@ MSE through a learned projection, attention KL and [CLS] cosine.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from actors.knowledge import Knowledge
+from actors.selection import gather, gather_attention
+from orchestrator.schedule import Stage
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -196,3 +201,49 @@ def cls_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
                          f"{tuple(teacher.shape)}")
     cos = F.cosine_similarity(student.float(), teacher.detach().to(student.device).float(), dim=-1, eps=1e-8)
     return (1.0 - cos).mean()
+
+
+def as_tensor(x: np.ndarray, device, dtype=None) -> torch.Tensor:
+    """A writable torch copy of a (possibly read-only, object-store) numpy array on `device`."""
+    return torch.from_numpy(np.array(x, dtype=dtype)).to(device)
+
+
+def ir_loss_terms(out, knowledge: Knowledge, stage: Stage, projection: HiddenProjection | None, teacher_width: int,
+                  attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The internal-representation loss terms of one step, each summed over the stage's layers.
+
+    hidden: MSE between the student's hidden states, projected to D_t and gathered at the teacher's kept
+    tokens and dims (`actors.selection.gather`, the function the teacher used), and the teacher's HSK
+    (Liu et al. 2021). attentions: KL between the teacher's and the student's attention rows of the kept
+    query tokens (Aguilar et al. 2020). cls: 1 - cos between projected student and teacher [CLS] states.
+
+    Args:
+        out: the student's model output with hidden_states (L_s + 1 of [B, L, D_s]) and/or attentions
+            (L_s of [B, H_s, L, L]) as the stage needs.
+        knowledge: the teacher's knowledge for `stage.layers`, in that order along its k axis.
+        projection: student-to-teacher width maps (None when only attentions are distilled).
+        teacher_width: D_t of the serving teacher.
+        attention_mask: [B, L] of the batch.
+
+    Returns:
+        {"hidden" | "attentions" | "cls": scalar tensor} for the outputs present in `knowledge`.
+    """
+    device = attention_mask.device
+    terms: dict[str, torch.Tensor] = {}
+    token_index = as_tensor(knowledge.token_index, device) if knowledge.token_index is not None else None  # [B, K]
+    token_mask = as_tensor(knowledge.token_mask, device) if knowledge.token_mask is not None else None  # [B, K]
+    for j, layer in enumerate(stage.layers):
+        if knowledge.hidden is not None:
+            h = projection(out.hidden_states[layer], layer, teacher_width)  # [B, L, D_t]
+            width = as_tensor(knowledge.width_index[:, j], device) if knowledge.width_index is not None else None  # [B, W]
+            term = hidden_mse(gather(h, token_index, width), as_tensor(knowledge.hidden[:, j], device, np.float32), token_mask)
+            terms["hidden"] = terms["hidden"] + term if "hidden" in terms else term
+        if knowledge.attentions is not None:
+            rows = gather_attention(out.attentions[layer - 1], token_index)  # [B, H_s, K, L]
+            term = attention_kl(rows, as_tensor(knowledge.attentions[:, j], device, np.float32), token_mask, attention_mask)
+            terms["attentions"] = terms["attentions"] + term if "attentions" in terms else term
+        if knowledge.cls is not None:
+            c = projection(out.hidden_states[layer][:, 0], layer, teacher_width)  # [B, D_t]
+            term = cls_cosine(c, as_tensor(knowledge.cls[:, j], device, np.float32))
+            terms["cls"] = terms["cls"] + term if "cls" in terms else term
+    return terms

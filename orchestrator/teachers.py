@@ -13,13 +13,16 @@ from pathlib import Path
 
 import ray
 
-from actors.manifest import TeacherInfo, read_manifest, write_manifest
-from orchestrator.config import SkdConfig, TeacherMember, flatten
 from actors.errors import TeacherError
-from actors.models import count_parameters, load_classifier, load_tokenizer, vocab_fingerprint
-from orchestrator.runner import Inputs, prepare_inputs, run_training, make_spec
+from actors.manifest import TeacherInfo, read_manifest, write_manifest
+from actors.models import count_parameters, load_classifier, load_tokenizer, resolve_model, vocab_fingerprint
+from orchestrator.config import SkdConfig, TeacherMember, flatten
+from orchestrator.data import Inputs, prepare_inputs
+from orchestrator.plan import StepPlan, student_gpus
+from orchestrator.runner import run_training
 from orchestrator.runtime import ray_session
-from orchestrator.train_loop import evaluate
+from orchestrator.spec import Optimisation, RunSettings, TrainTask, WorkerSpec
+from orchestrator.trainer import evaluate
 
 
 def _info(member: TeacherMember, checkpoint: Path, inputs: Inputs, dev_metric: float, run_id: str) -> TeacherInfo:
@@ -30,6 +33,24 @@ def _info(member: TeacherMember, checkpoint: Path, inputs: Inputs, dev_metric: f
                        dev_metric=float(dev_metric), metric=inputs.spec.metric,
                        vocab=vocab_fingerprint(load_tokenizer(str(checkpoint))), num_labels=inputs.spec.num_labels,
                        task=inputs.spec.name, mlflow_run_id=run_id)
+
+
+def _finetune(cfg: SkdConfig, inputs: Inputs, member: TeacherMember, out_dir: Path, threads: int,
+              use_gpu: bool) -> TeacherInfo:
+    """Fine-tune one member on the task's labels (the distill loop without knowledge) into `out_dir`."""
+    ft, d = cfg.teachers.finetune, cfg.distill
+    print(f"[skd] teacher {member.name}: fine-tuning {member.init} (layers: {member.num_layers or 'all'})", flush=True)
+    steps = StepPlan.make(len(inputs.train), ft.batch_size, cfg.ray.num_workers, ft.epochs, ft.max_steps,
+                          d.eval_every, d.checkpoint_every)
+    task = TrainTask(resolve_model(member.init), member.num_layers, inputs.tokenizer_init, inputs.spec,
+                     ray.put(inputs.train), ray.put(inputs.dev), inputs.pad_id)
+    spec = WorkerSpec(task, Optimisation(ft.lr, ft.batch_size, ft.warmup_ratio, ft.weight_decay, ft.seed), None,
+                      RunSettings(steps, threads, d.log_every, d.eval_batch_size, d.gsnr_every, d.gsnr_probe_size))
+    params = {**flatten(ft, "finetune."), "teacher.name": member.name, "teacher.init": member.init,
+              "teacher.num_layers": str(member.num_layers), "task": cfg.task, **flatten(cfg.data, "data.")}
+    res = run_training(cfg, spec, run_name=f"teacher-{member.name}", model_out=out_dir, params=params,
+                       use_gpu=use_gpu, tags={"skd.kind": "teacher", "skd.task": cfg.task, "skd.teacher": member.name})
+    return _info(member, out_dir, inputs, res.dev[inputs.spec.metric], res.run_id)
 
 
 def prepare_teachers(cfg: SkdConfig, force: bool = False) -> list[TeacherInfo]:
@@ -47,7 +68,7 @@ def prepare_teachers(cfg: SkdConfig, force: bool = False) -> list[TeacherInfo]:
     """
     path = cfg.manifest_path()
     existing = {t.name: t for t in read_manifest(path)} if path.is_file() else {}
-    inputs = prepare_inputs(cfg, cfg.student.init)
+    inputs = prepare_inputs(cfg.data, cfg.task, cfg.student.init)
     for m in cfg.teachers.members:  # every init must load (fail fast, before Ray)
         source = str(m.checkpoint) if m.checkpoint else m.init
         if m.checkpoint is not None and not (Path(m.checkpoint) / "config.json").is_file():
@@ -72,19 +93,12 @@ def prepare_teachers(cfg: SkdConfig, force: bool = False) -> list[TeacherInfo]:
         else:
             todo.append(m)
     if todo:
-        ft = cfg.teachers.finetune
         with ray_session(cfg.ray):
-            threads = int(ft.cpus_per_worker or max(1, ray.cluster_resources().get("CPU", 1)))
+            cluster = ray.cluster_resources()
+            threads = int(cfg.teachers.finetune.cpus_per_worker or max(1, cluster.get("CPU", 1)))
             for m in todo:
-                print(f"[skd] teacher {m.name}: fine-tuning {m.init} (layers: {m.num_layers or 'all'})", flush=True)
-                spec = make_spec(cfg, inputs, ft, model_init=m.init, num_layers=m.num_layers, threads=threads)
-                out_dir = path.parent / m.name
-                params = {**flatten(ft, "finetune."), "teacher.name": m.name, "teacher.init": m.init,
-                          "teacher.num_layers": str(m.num_layers), "task": cfg.task,
-                          **flatten(cfg.data, "data.")}
-                res = run_training(cfg, spec, run_name=f"teacher-{m.name}", model_out=out_dir, params=params,
-                                   tags={"skd.kind": "teacher", "skd.task": cfg.task, "skd.teacher": m.name})
-                results[m.name] = _info(m, out_dir, inputs, res.dev[inputs.spec.metric], res.run_id)
+                results[m.name] = _finetune(cfg, inputs, m, path.parent / m.name, threads,
+                                            student_gpus(cfg.ray, cluster) > 0)
                 write_manifest(path, [results[n] for n in results])  # progress survives an interruption
     teachers = [results[m.name] for m in cfg.teachers.members]
     keep = [t for n, t in existing.items() if n not in results]  # members dropped from the config stay listed

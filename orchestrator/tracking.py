@@ -34,6 +34,12 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path | None =
     return client.create_experiment(name, artifact_location=location)
 
 
+def open_experiment(tracking_uri: str, name: str) -> tuple[MlflowClient, str]:
+    """(client, experiment id) of experiment `name` in the store, created if absent (artifacts beside a
+    sqlite database go to `default_artifact_root`). The one place commands set up MLflow."""
+    return MlflowClient(tracking_uri), ensure_experiment(tracking_uri, name, default_artifact_root(tracking_uri))
+
+
 def default_artifact_root(tracking_uri: str) -> Path | None:
     """`mlartifacts/` beside a sqlite database file; None for servers (they choose their own)."""
     if tracking_uri.startswith("sqlite:///"):

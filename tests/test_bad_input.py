@@ -9,9 +9,9 @@ import yaml
 from typer.testing import CliRunner
 
 from actors.manifest import TeacherInfo, write_manifest
-from orchestrator.cli import app
 from actors.models import load_tokenizer, vocab_fingerprint
 from tests.conftest import tiny_raw
+from tuning.cli import app
 
 runner = CliRunner()
 

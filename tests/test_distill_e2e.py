@@ -12,11 +12,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from actors.manifest import read_manifest
-from orchestrator.distill import plan_run, run_distill, student_rank_scores
-from orchestrator.runner import prepare_inputs
+from orchestrator.config import load_config
+from orchestrator.distill import run_distill, student_rank_scores
+from orchestrator.plan import make_plan
 from orchestrator.teachers import prepare_teachers
 from tests.conftest import tiny_raw
-from orchestrator.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,5 @@ def test_student_rank_prepass_is_recorded_and_reused(env):
     np.testing.assert_allclose(probs, ranks / ranks.sum(), atol=1e-6)
     # a second run with the same student, data and teachers reuses the pre-pass runs: no training, no pool
     cfg = env["cfg"](*args, "mlflow.run_name=student-rank-again")
-    inputs = prepare_inputs(cfg, cfg.student.init)
-    assert student_rank_scores(cfg, inputs, plan_run(cfg, inputs), pool=None) == [scores["t4"], scores["t2"]]
+    assert student_rank_scores(make_plan(cfg), source=None, resources=None) == [scores["t4"], scores["t2"]]
     assert len(runs(env, "prepass")) == 2

@@ -15,10 +15,12 @@ from mlflow.tracking import MlflowClient
 from actors.cache import CacheMismatchError, KnowledgeCache, PartialCacheError
 from actors.knowledge import TokenBatch
 from actors.teacher import Teacher
+from orchestrator.cache_build import build_cache
 from orchestrator.config import load_config
-from orchestrator.distill import knowledge_fields, plan_run, run_distill
-from orchestrator.knowledge_cache import build_cache, cache_fingerprint, knowledge_request
-from orchestrator.runner import prepare_inputs
+from orchestrator.data import prepare_inputs
+from orchestrator.distill import run_distill
+from orchestrator.knowledge_plan import cache_fingerprint, knowledge_request
+from orchestrator.plan import make_plan
 from tests.conftest import tiny_raw
 from tests.tiny import make_tiny_teachers
 
@@ -64,7 +66,7 @@ def test_cache_build_reports_sizes(env):
 def test_cache_round_trip_equals_online_knowledge_exactly(env):
     """The cache returns bit for bit what the teacher serves for the same batch."""
     cfg = env["cfg"]()
-    inputs = prepare_inputs(cfg, cfg.student.init)
+    inputs = prepare_inputs(cfg.data, cfg.task, cfg.student.init)
     request = knowledge_request(cfg, inputs)
     teachers = env["infos"]
     cache = KnowledgeCache.open(env["summary"]["path"], cache_fingerprint(cfg, inputs, teachers, request))
@@ -104,12 +106,12 @@ def test_student_trains_from_the_cache_without_teachers_and_matches_online(env):
 def test_mismatched_and_partial_caches_are_refused_then_resumed(env, tmp_path):
     path = env["summary"]["path"]
     other = env["cfg"](f"distill.knowledge.source=cache:{path}", "distill.knowledge.num_tokens=3")
-    inputs = prepare_inputs(other, other.student.init)
+    inputs = prepare_inputs(other.data, other.task, other.student.init)
     with pytest.raises(CacheMismatchError, match="num_tokens: cache has 4, config expects 3"):
-        knowledge_fields(other, inputs, plan_run(other, inputs))
+        make_plan(other, inputs)
     fewer = env["cfg"](f"distill.knowledge.source=cache:{path}", "distill.knowledge.outputs=[hidden]")
-    fields = knowledge_fields(fewer, inputs, plan_run(fewer, inputs))  # a cache with more outputs serves fewer
-    assert fields["request"].outputs == ("logits", "hidden") and fields["knowledge_cache"] == path
+    knowledge = make_plan(fewer, inputs).knowledge  # a cache with more outputs serves fewer
+    assert knowledge.request.outputs == ("logits", "hidden") and str(knowledge.cache) == path
 
     partial = tmp_path / "partial"
     shutil.copytree(path, partial)

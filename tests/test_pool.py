@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from actors.knowledge import KnowledgeRequest, TokenBatch
+from actors.knowledge import KnowledgeRequest, KnowledgeSource, TokenBatch
 from actors.manifest import TeacherInfo
 from actors.pool import PlacementPlan, TeacherPool
 from actors.teacher import Teacher
@@ -27,6 +27,7 @@ def batch(seed=0):
 def test_actor_knowledge_equals_in_process(ray_cluster, teachers):
     pool = TeacherPool.start(teachers, [0, 1], num_cpus=0.25, num_gpus=0, threads=1, regression=False)
     try:
+        assert isinstance(pool, KnowledgeSource) and pool.live() == [0, 1] and pool.names == ["a", "b"]
         local = Teacher(0, teachers[0].checkpoint, 2, device="cpu")
         want = local.knowledge(batch()).logits
         got = pool.knowledge(0, batch())
@@ -38,7 +39,7 @@ def test_actor_knowledge_equals_in_process(ray_cluster, teachers):
         half = pool.knowledge(1, batch(), KnowledgeRequest(wire_dtype="float16"))
         assert half.logits.dtype == np.float16
     finally:
-        pool.shutdown()
+        pool.close()
 
 
 def test_placement_is_checked_before_actors_start():
@@ -71,6 +72,6 @@ def test_a_teacher_that_fails_to_load_is_named(ray_cluster, teachers, tmp_path):
             pool.check_loaded()
         assert pool.knowledge(0, batch()).logits.shape == (4, 2)  # the healthy teacher still serves
     finally:
-        pool.shutdown()
+        pool.close()
     with pytest.raises(SkdError, match="teacher bad"):
         TeacherPool.start(ensemble, [1], num_cpus=0.25, num_gpus=0, threads=1, regression=False)

@@ -1,0 +1,225 @@
+"""The run plan: what a run will do, resolved and validated once on the driver before Ray starts.
+
+`make_plan` reads the teachers manifest, checks it against the task and the student's vocabulary, turns
+the strategy into a sampling distribution (SKDBERT, Ding et al. 2023), counts the steps, evaluations and
+checkpoints, and plans the knowledge (request, schedule, cache). `distill`, `compare`, every `tune`
+trial, `cache build` and the student-rank pre-pass consume a `RunPlan`; nothing downstream recomputes
+any of it. `RunPlan.resources` turns the resource settings into a `PlacementPlan` once a cluster is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from actors.knowledge import KnowledgeRequest
+from actors.manifest import TeacherInfo, read_manifest, validate_teachers
+from actors.pool import PlacementPlan
+from orchestrator.config import RayConfig, SkdConfig
+from orchestrator.data import Inputs, prepare_inputs
+from orchestrator.knowledge_plan import KnowledgePlan, plan_knowledge
+from orchestrator.sampling import TeacherSampler, sampling_distribution
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The run's step arithmetic.
+
+    Attributes:
+        per_epoch: optimizer steps per epoch; a step consumes batch_size * world examples and the last
+            partial global batch of an epoch is dropped (every rank needs a share).
+        total: optimizer steps of the run.
+        evals: 1-based steps (counted after the optimizer step) with a dev evaluation: every `eval_every`
+            steps (default: 4 evenly spaced per run) and always the last.
+        checkpoints: steps with a checkpoint: every `checkpoint_every` steps and the last (default: `evals`).
+        world: data-parallel workers the plan was made for.
+    """
+
+    per_epoch: int
+    total: int
+    evals: frozenset[int]
+    checkpoints: frozenset[int]
+    world: int
+
+    @classmethod
+    def make(cls, n_examples: int, batch_size: int, world: int, epochs: float, max_steps: int | None,
+             eval_every: int | None = None, checkpoint_every: int | None = None) -> "StepPlan":
+        """Steps for `n_examples` rows (see the attributes); `max_steps` overrides `epochs`."""
+        per_epoch = max(1, n_examples // (batch_size * world))
+        total = max_steps or max(1, math.ceil(epochs * per_epoch))
+        every = eval_every or max(1, math.ceil(total / 4))
+        evals = frozenset(range(every, total + 1, every)) | {total}
+        ckpts = evals if checkpoint_every is None else frozenset(range(checkpoint_every, total + 1,
+                                                                       checkpoint_every)) | {total}
+        return cls(per_epoch, total, evals, ckpts, world)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Resources resolved against a cluster: per teacher actor, per student worker, and the placement check.
+
+    Attributes:
+        teacher_cpus / teacher_gpus: logical CPUs and GPUs per teacher actor; teacher_threads: torch threads.
+        worker_gpus: GPUs per student worker (1.0 with `ray.use_gpu` true, or auto on a cluster with GPUs).
+        placement: teachers plus student workers, checked before any actor starts.
+        attn_implementation: "eager" when teachers must return attentions, else None (sdpa).
+    """
+
+    teacher_cpus: float
+    teacher_gpus: float
+    teacher_threads: int
+    worker_gpus: float
+    placement: PlacementPlan
+    attn_implementation: str | None
+
+    @property
+    def use_gpu(self) -> bool:
+        """Whether student workers train on a GPU."""
+        return self.worker_gpus > 0
+
+
+def student_gpus(ray_cfg: RayConfig, cluster: dict[str, float]) -> float:
+    """GPUs per student worker: 1.0 with `ray.use_gpu: true`, or with `auto` on a cluster that has GPUs."""
+    return 1.0 if ray_cfg.use_gpu is True or (ray_cfg.use_gpu == "auto" and cluster.get("GPU", 0.0) > 0) else 0.0
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a distill run will do, resolved before Ray starts.
+
+    Attributes:
+        cfg: the validated config; inputs: the tokenized splits.
+        strategy: "skd", "average" or "no-kd" (`single:<name>` becomes skd with a one-hot p).
+        family: the distribution family ("uniform", ..., "single", "average", "none").
+        teachers: the ensemble (manifest entries in config order); [] for no-kd without a manifest.
+        probs: [N] sampling distribution; None for average/no-kd and until the student-rank pre-pass.
+        active: teacher indices whose actors must run.
+        run_name: MLflow run name (and the `--resume` key).
+        steps: the step arithmetic; knowledge: None for no-kd.
+    """
+
+    cfg: SkdConfig
+    inputs: Inputs
+    strategy: str
+    family: str
+    teachers: list[TeacherInfo]
+    probs: list[float] | None
+    active: list[int]
+    run_name: str
+    steps: StepPlan
+    knowledge: KnowledgePlan | None
+
+    @property
+    def names(self) -> list[str]:
+        """Teacher names in ensemble order."""
+        return [t.name for t in self.teachers]
+
+    @property
+    def best_teacher_metric(self) -> float | None:
+        """The best teacher's dev metric (the denominator of retention); None without teachers."""
+        return max((t.dev_metric for t in self.teachers), default=None)
+
+    @property
+    def uses_teacher_actors(self) -> bool:
+        """Whether the run needs the teacher pool (some teacher is active and knowledge is not cached)."""
+        return bool(self.active) and self.knowledge is not None and self.knowledge.cache is None
+
+    def with_student_scores(self, scores: list[float]) -> "RunPlan":
+        """The plan with the student-rank distribution computed from pre-pass scores, [N]."""
+        d = self.cfg.distill.distribution
+        probs = sampling_distribution(d, self.names, [t.dev_metric for t in self.teachers],
+                                      [t.parameters for t in self.teachers], scores).tolist()
+        return dataclasses.replace(self, probs=probs)
+
+    def resources(self, cluster: dict[str, float], teachers: int, student_workers: int | None = None) -> Resources:
+        """Resolve the resource settings against `cluster` (`ray.cluster_resources()`).
+
+        Args:
+            teachers: teacher actors to place (0 when the run uses a shared pool or the cache).
+            student_workers: student workers running beside the teachers (default `ray.num_workers`; a
+                campaign passes workers x concurrent trials, a cache build 0).
+        """
+        tc, rc = self.cfg.teachers, self.cfg.ray
+        teacher_gpus = (1.0 if cluster.get("GPU", 0.0) > 0 else 0.0) if tc.num_gpus == "auto" else float(tc.num_gpus)
+        worker_gpus = student_gpus(rc, cluster)
+        workers = rc.num_workers if student_workers is None else student_workers
+        placement = PlacementPlan(teachers, tc.num_cpus, teacher_gpus, workers, rc.cpus_per_worker, worker_gpus)
+        return Resources(tc.num_cpus, teacher_gpus, tc.threads, worker_gpus, placement,
+                         "eager" if self.cfg.distill.knowledge.needs_attentions else None)
+
+    def prepass(self, k: int) -> "RunPlan":
+        """The student-rank pre-pass of teacher k: soft labels from k alone for `prepass_steps` steps, one
+        evaluation at the end, run name `prepass-<teacher>`. The knowledge plan keeps this plan's checked
+        cache fingerprint (a cache that serves the run serves its soft labels)."""
+        cfg, d = self.cfg, self.cfg.distill
+        n = d.distribution.prepass_steps
+        steps = StepPlan.make(len(self.inputs.train), d.batch_size, cfg.ray.num_workers, d.epochs, n, n,
+                              d.checkpoint_every)
+        soft = KnowledgeRequest(wire_dtype=self.knowledge.request.wire_dtype)
+        return dataclasses.replace(self, strategy="skd", family="single", active=[k], steps=steps,
+                                   probs=[float(i == k) for i in range(len(self.teachers))],
+                                   knowledge=dataclasses.replace(self.knowledge, request=soft, schedule="none"),
+                                   run_name=f"prepass-{self.teachers[k].name}")
+
+
+def default_run_name(cfg: SkdConfig) -> str:
+    """e.g. skd-uniform-s0, skd-teacher-rank-s1, single-minilm-l6-s0, average-s0, no-kd-s2."""
+    if cfg.mlflow.run_name:
+        return cfg.mlflow.run_name
+    d = cfg.distill
+    base = f"skd-{d.distribution.family}" if d.strategy == "skd" else d.strategy.replace(":", "-")
+    return f"{base}-s{d.seed}"
+
+
+def load_teachers(cfg: SkdConfig, inputs: Inputs) -> list[TeacherInfo]:
+    """The configured teachers from the manifest, checked against the task and the student's vocabulary.
+
+    Raises:
+        TeacherError: manifest or checkpoints missing, task/label/vocabulary mismatch.
+    """
+    names = [m.name for m in cfg.teachers.members]
+    return validate_teachers(read_manifest(cfg.manifest_path()), names, cfg.task, inputs.spec.num_labels,
+                             inputs.vocab)
+
+
+def _distribution(cfg: SkdConfig, teachers: list[TeacherInfo]) -> tuple[str, str, list[float] | None, list[int]]:
+    """(strategy, family, p, active teachers) of the config's strategy; p is checked by `TeacherSampler`."""
+    d = cfg.distill
+    names = [m.name for m in cfg.teachers.members]
+    if d.strategy.startswith("single:"):
+        k = names.index(d.strategy[7:])
+        return "skd", "single", [float(i == k) for i in range(len(names))], [k]
+    if d.strategy == "average":
+        return "average", "average", None, list(range(len(names)))
+    if d.strategy != "skd":
+        return "no-kd", "none", None, []
+    if d.distribution.family == "student-rank":
+        return "skd", "student-rank", None, list(range(len(names)))
+    probs = sampling_distribution(d.distribution, names, [t.dev_metric for t in teachers],
+                                  [t.parameters for t in teachers]).tolist()
+    TeacherSampler(probs, d.seed)  # validates p
+    return "skd", d.distribution.family, probs, [i for i, p in enumerate(probs) if p > 0]
+
+
+def make_plan(cfg: SkdConfig, inputs: Inputs | None = None) -> RunPlan:
+    """Resolve strategy, teachers, distribution, steps and knowledge; every input error surfaces here.
+
+    Args:
+        cfg: the validated config.
+        inputs: already tokenized splits (a PBT trial or `compare` prepares them once); default: read them.
+
+    Raises:
+        DataError / TeacherError: bad data, manifest or checkpoints.
+        ConfigError: an invalid distribution, knowledge request or schedule.
+        CacheError: a missing, partial or mismatched knowledge cache.
+    """
+    inputs = inputs or prepare_inputs(cfg.data, cfg.task, cfg.student.init)
+    d = cfg.distill
+    no_teachers = d.strategy == "no-kd" and not cfg.manifest_path().is_file()
+    teachers = [] if no_teachers else load_teachers(cfg, inputs)  # no-kd needs none; retention is not reported
+    strategy, family, probs, active = _distribution(cfg, teachers)
+    steps = StepPlan.make(len(inputs.train), d.batch_size, cfg.ray.num_workers, d.epochs, d.max_steps,
+                          d.eval_every, d.checkpoint_every)
+    knowledge = plan_knowledge(cfg, inputs, teachers, steps.total) if strategy != "no-kd" else None
+    return RunPlan(cfg, inputs, strategy, family, teachers, probs, active, default_run_name(cfg), steps, knowledge)

@@ -1,0 +1,112 @@
+"""What a Ray Train worker receives: a small nested spec (task, optimisation, knowledge, run), made on the
+driver from the run plan (`orchestrator.plan`) and never recomputed on the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from actors.knowledge import KnowledgeSource
+from orchestrator.data import TaskSpec
+from orchestrator.knowledge_plan import KnowledgePlan
+from orchestrator.plan import StepPlan
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """The model being trained and its data.
+
+    Attributes:
+        model_init / num_layers: where the model starts (student, or a teacher being fine-tuned) and the
+            bottom layers it keeps (None: all).
+        tokenizer_init: saved beside the model so the result loads with AutoTokenizer.
+        spec: the GLUE (or custom) task; train / dev: Ray object refs to `Encoded` splits (or the splits).
+        pad_id: the tokenizer's pad token id.
+    """
+
+    model_init: str
+    num_layers: int | None
+    tokenizer_init: str
+    spec: TaskSpec
+    train: Any
+    dev: Any
+    pad_id: int
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    """AdamW with linear warm-up and decay (see `DistillConfig` / `FinetuneConfig`).
+
+    Attributes:
+        lr: peak learning rate; batch_size: examples per worker per step; warmup_ratio: share of steps
+        warming up; weight_decay: AdamW decay (not on biases and LayerNorm weights); seed: model head,
+        dropout, data order and teacher sampler.
+    """
+
+    lr: float
+    batch_size: int
+    warmup_ratio: float
+    weight_decay: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class KnowledgeSpec:
+    """Where a distilled student's knowledge comes from and how it enters the loss.
+
+    Attributes:
+        source: the `KnowledgeSource` (teacher pool or cache reader; picklable).
+        strategy: "skd" (one teacher per step, drawn from `probs`) or "average" (all teachers' logits).
+        probs: [N] sampling distribution (skd); names: [N] teacher names.
+        plan: request, IR schedule and weights, teacher widths.
+        alpha: weight of the hard-label loss; temperature: T of the KD term (Hinton et al. 2015).
+        prefetch: send step t+1's request as soon as step t's answer arrives.
+    """
+
+    source: KnowledgeSource
+    strategy: str
+    probs: list[float] | None
+    names: list[str]
+    plan: KnowledgePlan
+    alpha: float
+    temperature: float
+    prefetch: bool = True
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Steps, logging, evaluation and checkpoint settings of one Ray Train run.
+
+    Attributes:
+        steps: the plan's step arithmetic (total, evaluation and checkpoint steps).
+        threads: torch threads (and logical CPUs) per worker.
+        log_every: steps between progress lines and MLflow flushes; eval_batch_size: dev batch size.
+        gsnr_every / gsnr_probe_size: GSNR probe interval (steps; None: off) and probe size (first rows).
+        stop_after: end early after this step, leaving a resumable checkpoint (preemptible runs).
+        resume_from: an explicit checkpoint folder to start from when Ray Train has none.
+        best_teacher_metric: for retention (None: not reported).
+        tracking_uri / run_id: the MLflow run the driver opened (filled by `runner.run_training`).
+    """
+
+    steps: StepPlan
+    threads: int = 1
+    log_every: int = 10
+    eval_batch_size: int = 128
+    gsnr_every: int | None = None
+    gsnr_probe_size: int = 16
+    stop_after: int | None = None
+    resume_from: str | None = None
+    best_teacher_metric: float | None = None
+    tracking_uri: str = ""
+    run_id: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs (picklable): the task, the optimisation, the knowledge (None: no KD), the run."""
+
+    task: TrainTask
+    optim: Optimisation
+    knowledge: KnowledgeSpec | None
+    run: RunSettings

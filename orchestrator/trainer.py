@@ -1,0 +1,182 @@
+"""The student trainer: set-up, one optimisation step, evaluation, save and load.
+
+It holds the model (wrapped by Ray Train for data parallelism), the student-to-teacher hidden-state
+projection, AdamW and the linear warm-up schedule. The loss of a step (`step`) is
+alpha * CE(z_s, y) + (1 - alpha) * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) (Hinton et al. 2015, as
+SKDBERT uses it; MSE for regression) plus the weighted internal-representation terms of the step's
+stage (Liu et al. ACL 2021, Aguilar et al. AAAI 2020; see `orchestrator.losses`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.knowledge import Knowledge
+from orchestrator.checkpointing import (PROJECTION_FILE, load_module_state, load_training_state, model_state,
+                                        save_module_state, save_training_state)
+from orchestrator.data import Encoded, TaskSpec
+from orchestrator.losses import HiddenProjection, as_tensor, distillation_loss, ir_loss_terms
+from orchestrator.metrics import glue_metrics
+from orchestrator.schedule import Stage
+from orchestrator.spec import WorkerSpec
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
+
+
+def evaluate(model, data: Encoded, spec: TaskSpec, pad_id: int, batch_size: int) -> dict[str, float]:
+    """The task's GLUE metrics of `model` on an encoded split (in-process, eval mode, no grad).
+
+    Returns:
+        {metric name: value}, e.g. {"accuracy": 0.81} (SST-2), {"pearson": .., "spearmanr": ..} (STS-B).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    outs = []
+    # sort by length so batches pad little; metrics do not depend on order
+    order = np.argsort([len(x) for x in data.input_ids], kind="stable")
+    with torch.inference_mode():
+        for i in range(0, len(order), batch_size):
+            b = data.batch(order[i: i + batch_size], pad_id)
+            logits = model(input_ids=torch.as_tensor(b["input_ids"], device=device),
+                           attention_mask=torch.as_tensor(b["attention_mask"], device=device)).logits
+            outs.append(logits.float().cpu().numpy())
+    preds = np.empty((len(order), outs[0].shape[-1]), dtype=np.float32)
+    preds[order] = np.concatenate(outs)
+    model.train(was_training)
+    return glue_metrics(spec, preds, data.labels)
+
+
+class StudentTrainer:
+    """Model, projection, optimizer and schedule of one worker.
+
+    Args:
+        spec: the worker spec (task, optimisation, knowledge, run).
+        device: the worker's torch device.
+        world: data-parallel workers (the projection's gradients are averaged over them).
+    """
+
+    def __init__(self, spec: WorkerSpec, device: torch.device, world: int) -> None:
+        from transformers import get_linear_schedule_with_warmup
+
+        from actors.models import load_classifier, load_tokenizer
+
+        self.spec, self.device, self.world = spec, device, world
+        task, kn = spec.task, spec.knowledge
+        request = kn.plan.request if kn is not None else None
+        outputs = set(request.outputs) if request is not None else set()
+        torch.manual_seed(spec.optim.seed)
+        self.tokenizer = load_tokenizer(task.tokenizer_init)
+        self.model = load_classifier(task.model_init, task.spec.num_labels, task.num_layers, task.spec.is_regression,
+                                     attn_implementation="eager" if "attentions" in outputs else None)
+        self.projection = None
+        if outputs & {"hidden", "cls"}:
+            self.projection = HiddenProjection(request.student_layers, self.model.config.hidden_size,
+                                               list(kn.plan.teacher_widths)).to(device)
+        self.outputs_attentions = "attentions" in outputs
+        named = list(self.model.named_parameters())
+        groups = [{"params": [p for n, p in named if not n.endswith(NO_DECAY)], "weight_decay": spec.optim.weight_decay},
+                  {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0}]
+        if self.projection is not None:
+            groups[0]["params"] += list(self.projection.parameters())
+        self.trained = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=spec.optim.lr)
+        total = spec.run.steps.total
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(spec.optim.warmup_ratio * total), total)
+        self.core = self.model  # the unwrapped model (evaluation, GSNR, saving)
+
+    def prepare(self) -> None:
+        """Wrap the model for data parallelism (Ray Train's `prepare_model`); call after `load`."""
+        import ray.train.torch
+
+        self.model = ray.train.torch.prepare_model(self.model)
+        self.core = self.model.module if hasattr(self.model, "module") else self.model
+        self.model.train()
+
+    def load(self, folder: Path) -> dict[str, Any]:
+        """Restore model, projection, optimizer and schedule from a checkpoint folder; returns its saved state
+        (step, counts, sampler). A checkpoint saved under another peak lr (a PBT exploit) keeps the
+        schedule's position and is rescaled to this run's lr.
+
+        Raises:
+            FileNotFoundError: the checkpoint lacks the projection this run needs.
+        """
+        self.model.load_state_dict(model_state(folder))
+        if self.projection is not None:
+            self.projection.load_state_dict(load_module_state(folder, PROJECTION_FILE))
+        state = load_training_state(folder, self.optimizer, self.scheduler)
+        lr = self.spec.optim.lr
+        if self.scheduler.base_lrs and not math.isclose(self.scheduler.base_lrs[0], lr, rel_tol=1e-9):
+            scale = lr / self.scheduler.base_lrs[0]
+            self.scheduler.base_lrs = [lr] * len(self.scheduler.base_lrs)
+            for group in self.optimizer.param_groups:
+                group["initial_lr"], group["lr"] = lr, group["lr"] * scale
+        return state
+
+    def save(self, folder: Path, state: dict[str, Any]) -> None:
+        """Write model (save_pretrained + tokenizer), optimizer, schedule, projection and `state` (JSON)."""
+        save_training_state(folder, self.core, self.tokenizer, self.optimizer, self.scheduler, state)
+        if self.projection is not None:
+            save_module_state(folder, PROJECTION_FILE, self.projection)
+
+    def step(self, batch: dict[str, np.ndarray], knowledge: Knowledge | None, stage: Stage) -> dict[str, torch.Tensor]:
+        """One optimisation step on the worker's batch.
+
+        Args:
+            batch: `input_ids`, `attention_mask` [B, L] int64 and `labels` [B].
+            knowledge: the serving teacher's answer (logits [B, C], IR outputs of `stage.layers`); None: no KD.
+            stage: which IR layers and whether the soft-label loss apply (`orchestrator.schedule`).
+
+        Returns:
+            {"loss", "loss_hard", "loss_kd", and "loss_hidden" / "loss_attentions" / "loss_cls" when present}:
+            scalar tensors (detached except "loss").
+        """
+        ids = torch.as_tensor(batch["input_ids"], device=self.device)  # [B, L]
+        mask = torch.as_tensor(batch["attention_mask"], device=self.device)  # [B, L]
+        labels = torch.as_tensor(batch["labels"], device=self.device)  # [B]
+        ir = bool(stage.layers) and knowledge is not None
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=ir and self.projection is not None,
+                         output_attentions=ir and self.outputs_attentions)
+        teacher_logits = as_tensor(knowledge.logits, self.device, np.float32) if knowledge is not None else None
+        kn = self.spec.knowledge
+        if stage.soft_labels:
+            terms = distillation_loss(out.logits, labels, teacher_logits, kn.alpha if kn else 1.0,
+                                      kn.temperature if kn else 1.0, self.spec.task.spec.is_regression)
+        else:  # IR phase: no label losses; 0 * logits keeps every parameter in the graph (DDP)
+            zero = out.logits.sum() * 0.0
+            terms = {"loss": zero, "loss_hard": zero.detach(), "loss_kd": zero.detach()}
+        if ir:
+            width = kn.plan.teacher_widths[knowledge.teacher] if kn.plan.teacher_widths else 0
+            extra = ir_loss_terms(out, knowledge, stage, self.projection, width, mask)
+            terms.update({f"loss_{k}": v for k, v in extra.items()})
+            terms["loss"] = terms["loss"] + sum(kn.plan.weights.get(k, 1.0) * v for k, v in extra.items())
+        terms["loss"].backward()
+        self._update()
+        return terms
+
+    def _update(self) -> None:
+        """Average the projection's gradients over workers (it is outside DDP), clip to norm 1, step."""
+        if self.projection is not None and self.world > 1:
+            for p in self.projection.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.world
+        torch.nn.utils.clip_grad_norm_(self.trained, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate in force after the last step."""
+        return self.scheduler.get_last_lr()[0]
+
+    def evaluate(self, data: Encoded, batch_size: int) -> dict[str, float]:
+        """The task's GLUE metrics on `data` (see `evaluate`)."""
+        t = self.spec.task
+        return evaluate(self.core, data, t.spec, t.pad_id, batch_size)
