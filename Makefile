@@ -1,5 +1,5 @@
 # make demo: set up .venv and run the main job on SST-2 (local Ray, SQLite MLflow, packaged MiniLM).
-# make test: set up .venv and run the test suite (what .ci/run calls).
+# make test: set up .venv, check the import layers and run the test suite (what .ci/run calls).
 VENV ?= .venv
 BIN := $(VENV)/bin
 
@@ -18,6 +18,7 @@ demo: $(VENV)/.installed
 	$(BIN)/skd distill -c configs/sst2.yaml
 
 test: $(VENV)/.installed
+	$(BIN)/lint-imports  # layers: tuning > orchestrator > actors, no import cycles (pyproject.toml)
 	$(BIN)/python -m pytest -q --durations=12
 
 bench: $(VENV)/.installed

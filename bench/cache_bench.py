@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator import runtime  # noqa: E402,F401  (Ray / MLflow environment defaults)
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.config_load import load_config  # noqa: E402
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from orchestrator import runtime  # noqa: E402,F401  (Ray / MLflow environment d
 def main() -> int:
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.config import load_config
+    from orchestrator.config_load import load_config
     from orchestrator.distill import run_distill
     from orchestrator.cache_build import build_cache
     from tests.conftest import tiny_raw

@@ -20,7 +20,8 @@ from rich.text import Text
 
 from actors.errors import SkdError
 from orchestrator import runtime  # noqa: F401  (sets quiet Ray/MLflow environment defaults first)
-from orchestrator.config import DataConfig, load_config
+from orchestrator.config import DataConfig
+from orchestrator.config_load import load_config
 
 app = typer.Typer(help="Stochastic knowledge distillation (SKDBERT) of BERT-style models on Ray, tracked in MLflow.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

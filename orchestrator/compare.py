@@ -13,7 +13,8 @@ import numpy as np
 import ray
 
 from actors.errors import ConfigError
-from orchestrator.config import SkdConfig, load_config
+from orchestrator.config import SkdConfig
+from orchestrator.config_load import load_config
 from orchestrator.data import prepare_inputs
 from orchestrator.distill import run_distill
 from orchestrator.plan import make_plan

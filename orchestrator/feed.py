@@ -3,7 +3,7 @@
 Stochastic KD (SKDBERT, Ding et al., AAAI 2023): each step the seeded sampler draws ONE teacher k from
 the sampling distribution p and the step's knowledge request goes to k (or, for `average`, to every
 teacher). The feed owns the sampler, the prefetch (step t+1's request leaves as soon as step t's answer
-arrives, so the teacher computes it while the student trains on step t), the IR schedule's stage of each
+arrives, so the teacher computes it during the student's backward pass and next forward), the IR schedule's stage of each
 step (`orchestrator.schedule`) and the per-teacher sample counts; `state_dict` is what a checkpoint
 needs for a resumed run to draw the same teachers.
 """
@@ -36,8 +36,8 @@ class KnowledgeFeed:
             every rank asks the same teacher at a step).
         request: the full knowledge request; a step asks for its stage's layers only.
         schedule / ir_fraction: the IR schedule (see `orchestrator.schedule.stage_at`).
-        prefetch: request step t+1 when step t's answer arrives (False: request each step when it starts,
-            so teacher and student run in turn).
+        prefetch: request step t+1 when step t's answer arrives (False: request each step only when the
+            loop asks for its knowledge, so teacher and student run in turn).
 
     Raises:
         ConfigError: invalid probabilities (from `TeacherSampler`).
@@ -73,6 +73,11 @@ class KnowledgeFeed:
             self._sampler_before_pending = self.sampler.state_dict()
             pending = self.source.submit(self.sampler.draw(), batch, request)
         self._pending = (step, pending)
+
+    def begin(self, step: int) -> None:
+        """Send the first step's request ahead (with prefetch), so it overlaps the student's first forward."""
+        if self.source is not None and self.prefetch and self._pending is None:
+            self._send(step)
 
     def next_knowledge(self, step: int) -> Knowledge | None:
         """The knowledge of a 0-based `step` (blocking until it arrives); None without a source.

@@ -2,9 +2,10 @@
 
 It runs on every Ray Train worker as a recipe (the shape of torchtune's knowledge-distillation recipe):
 `setup()` builds the data, the student trainer, the knowledge feed and resumes from a checkpoint;
-`train()` is the flat step loop; `cleanup()` flushes the metric buffer. Per step (SKD, Ding et al. 2023):
-the feed returns the step's knowledge from the ONE teacher it drew (and sends step t+1's request, so the
-teacher computes it while the student trains on step t); the trainer takes one optimisation step; rank 0
+`train()` is the flat step loop; `cleanup()` flushes the metric buffer. Per step (SKD, Ding et al. 2023): the
+student's forward pass runs while the ONE teacher the feed drew computes the step's knowledge; as soon as
+it arrives the feed sends step t+1's request, so the teacher's next forward overlaps this step's
+backward; the trainer computes the loss and takes the optimizer step; rank 0
 logs (batched), evaluates on dev and writes checkpoints; every rank calls `ray.train.report`. Every report
 carries the per-teacher counts and the run's throughput (total samples / total seconds), which the
 driver reads from the Ray Train result.
@@ -79,11 +80,13 @@ class DistillRecipe:
         run = self.spec.run
         self.started, self.samples = time.perf_counter(), 0
         self.window = (time.perf_counter(), 0, 0.0)  # start, samples, knowledge wait (s)
+        self.feed.begin(self.start)  # the first teacher call overlaps the first forward pass
         for step in range(self.start, run.steps.total):
             torch.manual_seed(self.spec.optim.seed * 1_000_003 + step)  # dropout depends on the step only: exact resume
-            batch = self.batches(step)
-            knowledge = self.feed.next_knowledge(step)
-            terms = self.trainer.step(batch, knowledge, self.feed.stage(step))
+            batch, stage = self.batches(step), self.feed.stage(step)
+            out = self.trainer.forward(batch, stage)  # while the teacher computes this step's knowledge
+            knowledge = self.feed.next_knowledge(step)  # waits for it, then sends step+1's request
+            terms = self.trainer.update(batch, out, knowledge, stage)
             done = step + 1
             self.samples += len(batch["ids"]) * self.world
             self._log(done, terms, knowledge, len(batch["ids"]) * self.world)
@@ -112,7 +115,7 @@ class DistillRecipe:
         elapsed = time.perf_counter() - start
         rate = (n + served) / max(elapsed, 1e-9)
         self.logger.log({"train/samples_per_s": rate,
-                         **{f"teacher_samples/{n}": c for n, c in zip(self.names, self.feed.counts)}}, step)
+                         **{f"teacher_samples/{name}": c for name, c in zip(self.names, self.feed.counts)}}, step)
         self.logger.flush()
         if self.rank == 0:
             eta = (total - step) * elapsed / max(1, (n + served) / served)

@@ -1,7 +1,8 @@
-"""The student trainer: set-up, one optimisation step, evaluation, save and load.
+"""The student trainer: set-up, one optimisation step (`forward`, then `update` once the teacher's answer
+is in), evaluation, save and load.
 
 It holds the model (wrapped by Ray Train for data parallelism), the student-to-teacher hidden-state
-projection, AdamW and the linear warm-up schedule. The loss of a step (`step`) is
+projection, AdamW and the linear warm-up schedule. The loss of a step (`update`) is
 alpha * CE(z_s, y) + (1 - alpha) * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) (Hinton et al. 2015, as
 SKDBERT uses it; MSE for regression) plus the weighted internal-representation terms of the step's
 stage (Liu et al. ACL 2021, Aguilar et al. AAAI 2020; see `orchestrator.losses`).
@@ -124,11 +125,30 @@ class StudentTrainer:
         if self.projection is not None:
             save_module_state(folder, PROJECTION_FILE, self.projection)
 
-    def step(self, batch: dict[str, np.ndarray], knowledge: Knowledge | None, stage: Stage) -> dict[str, torch.Tensor]:
-        """One optimisation step on the worker's batch.
+    def forward(self, batch: dict[str, np.ndarray], stage: Stage):
+        """The student's forward pass on the worker's batch (run while the teacher's answer is on its way).
 
         Args:
             batch: `input_ids`, `attention_mask` [B, L] int64 and `labels` [B].
+            stage: which IR layers apply (their hidden states / attentions are kept for the loss).
+
+        Returns:
+            The model output: logits [B, C], and hidden_states (L_s + 1 of [B, L, D_s]) / attentions
+            (L_s of [B, H_s, L, L]) when the stage has IR layers that need them.
+        """
+        ids = torch.as_tensor(batch["input_ids"], device=self.device)  # [B, L]
+        mask = torch.as_tensor(batch["attention_mask"], device=self.device)  # [B, L]
+        ir = bool(stage.layers) and self.spec.knowledge is not None
+        return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=ir and self.projection is not None,
+                          output_attentions=ir and self.outputs_attentions)
+
+    def update(self, batch: dict[str, np.ndarray], out, knowledge: Knowledge | None,
+               stage: Stage) -> dict[str, torch.Tensor]:
+        """The loss of one step, its backward pass and the optimizer step.
+
+        Args:
+            batch: the batch `forward` ran on (labels [B], attention_mask [B, L]).
+            out: `forward`'s output.
             knowledge: the serving teacher's answer (logits [B, C], IR outputs of `stage.layers`); None: no KD.
             stage: which IR layers and whether the soft-label loss apply (`orchestrator.schedule`).
 
@@ -136,12 +156,7 @@ class StudentTrainer:
             {"loss", "loss_hard", "loss_kd", and "loss_hidden" / "loss_attentions" / "loss_cls" when present}:
             scalar tensors (detached except "loss").
         """
-        ids = torch.as_tensor(batch["input_ids"], device=self.device)  # [B, L]
-        mask = torch.as_tensor(batch["attention_mask"], device=self.device)  # [B, L]
         labels = torch.as_tensor(batch["labels"], device=self.device)  # [B]
-        ir = bool(stage.layers) and knowledge is not None
-        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=ir and self.projection is not None,
-                         output_attentions=ir and self.outputs_attentions)
         teacher_logits = as_tensor(knowledge.logits, self.device, np.float32) if knowledge is not None else None
         kn = self.spec.knowledge
         if stage.soft_labels:
@@ -150,16 +165,17 @@ class StudentTrainer:
         else:  # IR phase: no label losses; 0 * logits keeps every parameter in the graph (DDP)
             zero = out.logits.sum() * 0.0
             terms = {"loss": zero, "loss_hard": zero.detach(), "loss_kd": zero.detach()}
-        if ir:
+        if stage.layers and knowledge is not None:
+            mask = torch.as_tensor(batch["attention_mask"], device=self.device)  # [B, L]
             width = kn.plan.teacher_widths[knowledge.teacher] if kn.plan.teacher_widths else 0
             extra = ir_loss_terms(out, knowledge, stage, self.projection, width, mask)
             terms.update({f"loss_{k}": v for k, v in extra.items()})
             terms["loss"] = terms["loss"] + sum(kn.plan.weights.get(k, 1.0) * v for k, v in extra.items())
         terms["loss"].backward()
-        self._update()
+        self._step_optimizer()
         return terms
 
-    def _update(self) -> None:
+    def _step_optimizer(self) -> None:
         """Average the projection's gradients over workers (it is outside DDP), clip to norm 1, step."""
         if self.projection is not None and self.world > 1:
             for p in self.projection.parameters():

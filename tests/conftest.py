@@ -13,7 +13,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from orchestrator import runtime  # noqa: E402,F401  (Ray/MLflow environment defaults, as the CLI sets them)
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.config_load import load_config  # noqa: E402
 from tests.tiny import make_tiny_bert  # noqa: E402
 
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import REPO_ROOT, load_config, parse_overrides
+from orchestrator.config import REPO_ROOT
+from orchestrator.config_load import load_config, parse_overrides
 from actors.errors import ConfigError
 
 SHIPPED = sorted((REPO_ROOT / "configs").glob("*.yaml"))

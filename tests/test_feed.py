@@ -73,7 +73,7 @@ def test_skd_draws_the_seeded_sequence_and_counts_global_examples():
     sampler = TeacherSampler(PROBS, 7)
     assert served == [sampler.draw() for _ in range(12)]  # the feed's draws are the sampler's, in order
     assert f.counts == [8 * served.count(k) for k in range(3)]  # B=4 per rank x world 2
-    # each step's batch went to the teacher drawn for it, and step t+1 was asked before step t returned
+    # each step's batch went to the teacher drawn for it
     assert [(c[1], c[2]) for c in source.calls] == [(t, 10 * s) for s, t in enumerate(served)]
 
 
@@ -83,8 +83,15 @@ def test_prefetch_sends_the_next_request_before_returning():
     f.next_knowledge(0)
     assert [c[2] for c in source.calls] == [0, 10]  # step 1 already requested
     f = feed(FakeSource(3), prefetch=False)
+    f.begin(0)  # nothing ahead without prefetch
+    assert f.source.calls == []
     f.next_knowledge(0)
     assert [c[2] for c in f.source.calls] == [0]
+    ahead = feed(FakeSource(3))
+    ahead.begin(0)  # the loop's first request, before the first forward pass
+    assert [c[2] for c in ahead.source.calls] == [0]
+    ahead.next_knowledge(0)
+    assert [c[2] for c in ahead.source.calls] == [0, 10]  # step 0 not asked twice
     last = feed(FakeSource(3))
     for s in range(12):
         last.next_knowledge(s)
@@ -96,6 +103,7 @@ def test_state_round_trip_resumes_the_same_draws(prefetch):
     full = feed(FakeSource(3), prefetch=prefetch)
     want = [full.next_knowledge(s).teacher for s in range(12)]
     first = feed(FakeSource(3), prefetch=prefetch)
+    first.begin(0)
     got = [first.next_knowledge(s).teacher for s in range(5)]
     state = first.state_dict()  # after step 5 with step 6 (maybe) prefetched: the draw for 5 is not in it
     resumed = feed(FakeSource(3), prefetch=prefetch, seed=123)  # another seed: the state decides

@@ -16,7 +16,7 @@ from actors.cache import CacheMismatchError, KnowledgeCache, PartialCacheError
 from actors.knowledge import TokenBatch
 from actors.teacher import Teacher
 from orchestrator.cache_build import build_cache
-from orchestrator.config import load_config
+from orchestrator.config_load import load_config
 from orchestrator.data import prepare_inputs
 from orchestrator.distill import run_distill
 from orchestrator.knowledge_plan import cache_fingerprint, knowledge_request

@@ -6,7 +6,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import load_config
+from orchestrator.config_load import load_config
 from actors.errors import ConfigError
 from tests.conftest import tiny_raw
 from tests.tiny import make_tiny_teachers

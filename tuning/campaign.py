@@ -29,7 +29,8 @@ from actors.errors import ConfigError, SkdError
 from actors.knowledge import KnowledgeSource
 from actors.models import resolve_model
 from orchestrator import tracking
-from orchestrator.config import SkdConfig, load_config
+from orchestrator.config import SkdConfig
+from orchestrator.config_load import load_config
 from orchestrator.distill import run_distill, student_rank_scores
 from orchestrator.plan import RunPlan, make_plan
 from orchestrator.runner import find_resumable_run

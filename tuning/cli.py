@@ -11,7 +11,8 @@ from rich.table import Table
 
 from actors.errors import SkdError
 from orchestrator.cli import ConfigOpt, SetOpt, app, console, fail
-from orchestrator.config import MlflowConfig, load_config
+from orchestrator.config import MlflowConfig
+from orchestrator.config_load import load_config
 
 
 @app.command()

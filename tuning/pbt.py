@@ -20,7 +20,7 @@ from actors.errors import SkdError
 from actors.knowledge import KnowledgeSource
 from orchestrator import tracking
 from orchestrator.checkpointing import STATE_FILE
-from orchestrator.config import load_config
+from orchestrator.config_load import load_config
 from orchestrator.distill import run_distill
 from orchestrator.plan import StepPlan, make_plan
 from orchestrator.tune_section import TuneSection
