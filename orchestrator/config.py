@@ -8,12 +8,12 @@ Relative paths in a config are taken relative to the current working directory (
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from actors.errors import ConfigError
 from actors.models import PACKAGED_MODEL
 from orchestrator.tune_section import TuneSection
 
@@ -22,6 +22,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GLUE_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
 
 Family = Literal["uniform", "teacher-rank", "student-rank", "softmax", "capacity-gaussian", "weights"]
+
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def safe_name(value: str | None, what: str) -> str | None:
+    """`value` if it can name a folder skd creates (letters, digits, `_ . -`, no leading dot: no path
+    separators, no `.` or `..`).
+
+    Raises:
+        ValueError: naming `what` and the fix.
+    """
+    if value is not None and not SAFE_NAME.match(value):
+        raise ValueError(f"{what} {value!r} must be a plain name (letters, digits, '_', '.', '-'; not starting "
+                         f"with '.'), since skd makes folders named after it; e.g. {what.split('.')[-1]}: my-run-1")
+    return value
 
 
 class _Strict(BaseModel):
@@ -67,10 +83,15 @@ class TeacherMember(_Strict):
     `teachers prepare` for this member.
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     init: str = PACKAGED_MODEL
     num_layers: int | None = Field(None, gt=0)
     checkpoint: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return safe_name(value, "teachers.members[].name")
 
 
 class FinetuneConfig(_Strict):
@@ -228,7 +249,13 @@ class MlflowConfig(_Strict):
 
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str | None = Field(None, description="Default: skd-<task>.")
-    run_name: str | None = None
+    run_name: str | None = Field(None, description="Default: <strategy>-<family>-s<seed>; also names the "
+                                                    "student's folder under <output_dir>/students.")
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_run_name(cls, value: str | None) -> str | None:
+        return safe_name(value, "mlflow.run_name")
 
     def resolved_uri(self) -> str:
         """`tracking_uri` with a relative sqlite path made absolute against the working directory."""

@@ -121,7 +121,7 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
                     "skd.distribution": plan.family, **(extra_tags or {})}
             return run_training(cfg, distill_spec(plan, knowledge, stop_after=stop_after, resume_from=resume_from),
                                 run_name=plan.run_name, tags=tags, params=params, resume=resume,
-                                model_out=cfg.out_dir() / "students" / plan.run_name, use_gpu=resources.use_gpu,
+                                model_out=plan.student_dir, use_gpu=resources.use_gpu,
                                 figures=_figures(plan), report_to_tune=report_to_tune,
                                 register_as=f"skd-{cfg.task}-student" if register_as == "default" else register_as,
                                 continue_run=continue_run)

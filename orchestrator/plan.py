@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from actors.knowledge import KnowledgeRequest
 from actors.manifest import TeacherInfo, read_manifest, validate_teachers
@@ -19,6 +20,7 @@ from actors.pool import PlacementPlan
 from orchestrator.config import RayConfig, SkdConfig
 from orchestrator.data import Inputs, prepare_inputs
 from orchestrator.knowledge_plan import KnowledgePlan, plan_knowledge
+from orchestrator.outputs import check_output
 from orchestrator.sampling import TeacherSampler, sampling_distribution
 
 
@@ -114,6 +116,11 @@ class RunPlan:
     def names(self) -> list[str]:
         """Teacher names in ensemble order."""
         return [t.name for t in self.teachers]
+
+    @property
+    def student_dir(self) -> Path:
+        """Where the final student's `save_pretrained` folder goes: <output_dir>/students/<run name>."""
+        return self.cfg.out_dir() / "students" / self.run_name
 
     @property
     def best_teacher_metric(self) -> float | None:
@@ -213,6 +220,7 @@ def make_plan(cfg: SkdConfig, inputs: Inputs | None = None) -> RunPlan:
         DataError / TeacherError: bad data, manifest or checkpoints.
         ConfigError: an invalid distribution, knowledge request or schedule.
         CacheError: a missing, partial or mismatched knowledge cache.
+        SkdError: the student's folder exists and was not written by skd.
     """
     inputs = inputs or prepare_inputs(cfg.data, cfg.task, cfg.student.init)
     d = cfg.distill
@@ -222,4 +230,6 @@ def make_plan(cfg: SkdConfig, inputs: Inputs | None = None) -> RunPlan:
     steps = StepPlan.make(len(inputs.train), d.batch_size, cfg.ray.num_workers, d.epochs, d.max_steps,
                           d.eval_every, d.checkpoint_every)
     knowledge = plan_knowledge(cfg, inputs, teachers, steps.total) if strategy != "no-kd" else None
-    return RunPlan(cfg, inputs, strategy, family, teachers, probs, active, default_run_name(cfg), steps, knowledge)
+    plan = RunPlan(cfg, inputs, strategy, family, teachers, probs, active, default_run_name(cfg), steps, knowledge)
+    check_output(plan.student_dir)  # a folder skd did not create is refused before Ray starts
+    return plan

@@ -24,6 +24,7 @@ from actors.errors import SkdError
 from actors.knowledge import KnowledgeSource
 from orchestrator import tracking
 from orchestrator.config import SkdConfig
+from orchestrator.outputs import check_output, save_model
 from orchestrator.plan import RunPlan
 from orchestrator.spec import KnowledgeSpec, Optimisation, RunSettings, TrainTask, WorkerSpec
 from orchestrator.train_loop import train_loop
@@ -55,6 +56,15 @@ class RunResult:
     model_dir: Path | None = None
     steps: int = 0
     checkpoint: str | None = None
+
+
+def _warn_on_failure(client, run_id: str, what: str, action: Callable[[], Any]) -> None:
+    """Run a post-training step (model logging, plots); a failure is a warning and a run tag, not a failed run."""
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001  (the training result stands whatever logging raised)
+        print(f"[skd] warning: {what} failed: {exc!r}; the run keeps its training status", flush=True)
+        client.set_tag(run_id, f"skd.warning.{what.replace(' ', '_')}", repr(exc)[:500])
 
 
 def distill_spec(plan: RunPlan, source: KnowledgeSource | None, *, stop_after: int | None = None,
@@ -139,7 +149,8 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         spec: the worker spec; its run's `tracking_uri`/`run_id` are filled in here.
         run_name: MLflow run name (also the key `--resume` looks up).
         tags / params: logged on a new run.
-        model_out: where the final `save_pretrained` folder is copied (replaced if present).
+        model_out: where the final `save_pretrained` folder is copied (an earlier skd output there is
+            replaced; any other existing folder is refused before training).
         use_gpu: student workers train on a GPU (from the plan's resolved `Resources`).
         resume: continue the newest unfinished run named `run_name` from its latest checkpoint.
         figures: optional callable(client, run_id, result, tmpdir) -> list of image paths to log.
@@ -152,7 +163,7 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         `RunResult`.
 
     Raises:
-        SkdError: `resume` with no unfinished run to continue.
+        SkdError: `resume` with no unfinished run to continue, or `model_out` exists and skd did not write it.
         ray.train.TrainingFailedError (and others): training failed; the MLflow run is marked FAILED.
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -160,6 +171,7 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
     from ray.train.v2.api.config import LoggingConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    check_output(model_out)  # before the MLflow run and the trainer: refuse a folder skd did not create
     uri = cfg.tracking_uri()
     client, exp_id = tracking.open_experiment(uri, cfg.experiment_name())
     run_id, ray_name = _open_run(cfg, client, exp_id, run_name, tags, params, resume, continue_run)
@@ -180,15 +192,16 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         out = _summary(run_id, run_name, result, names, time.perf_counter() - started)
         if out.status == "FINISHED" and result.checkpoint is not None:
             with result.checkpoint.as_directory() as ckpt:
-                if model_out.exists():
-                    shutil.rmtree(model_out)
-                shutil.copytree(Path(ckpt) / "model", model_out)
+                save_model(Path(ckpt) / "model", model_out)
             out.model_dir = model_out
-            tracking.log_hf_model(uri, run_id, model_out, register_as)
             client.log_metric(run_id, "wall_s", out.wall_s)
+            _warn_on_failure(client, run_id, "model logging",
+                             lambda: tracking.log_hf_model(uri, run_id, model_out, register_as))
         if figures is not None:
-            with tempfile.TemporaryDirectory(prefix="skd-") as tmp:
-                tracking.log_figures(client, run_id, figures(client, run_id, out, Path(tmp)))
+            def plots() -> None:
+                with tempfile.TemporaryDirectory(prefix="skd-") as tmp:
+                    tracking.log_figures(client, run_id, figures(client, run_id, out, Path(tmp)))
+            _warn_on_failure(client, run_id, "plots", plots)
         status = out.status
         return out
     finally:

@@ -60,3 +60,35 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(REPO_ROOT / "configs" / "sst2.yaml", ["distill.alpha"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("mlflow.run_name=/some/folder", "mlflow.run_name: mlflow.run_name '/some/folder' must be a plain name"),
+    ("mlflow.run_name=..", "mlflow.run_name '..' must be a plain name"),
+    ("mlflow.run_name=a/../b", "mlflow.run_name 'a/../b' must be a plain name"),
+    ("teachers.members=[{name: ..}]", "teachers.members[].name '..' must be a plain name"),
+    ("teachers.members=[{name: x/y}]", "teachers.members[].name 'x/y' must be a plain name"),
+])
+def test_names_that_would_leave_the_output_folder_are_refused(override, fragment):
+    """Run and teacher names become folder names: separators, '.' and '..' are refused at load time."""
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO_ROOT / "configs" / "sst2.yaml", [override])
+    assert fragment in str(err.value)
+
+
+def test_a_folder_skd_did_not_create_is_refused_before_ray(tmp_path, make_config):
+    """`--set mlflow.run_name=X` where <output_dir>/students/X holds someone's files: refused by the plan
+    (before Ray), and the files are untouched; an skd-written folder of that name is accepted."""
+    from actors.errors import SkdError
+    from orchestrator.outputs import OWNED_MARK
+    from orchestrator.plan import make_plan
+
+    cfg = make_config(["distill.strategy=no-kd", "mlflow.run_name=precious"])
+    theirs = cfg.out_dir() / "students" / "precious"
+    theirs.mkdir(parents=True)
+    (theirs / "thesis.tex").write_text("do not delete")
+    with pytest.raises(SkdError, match="was not written by skd"):
+        make_plan(cfg)
+    assert (theirs / "thesis.tex").read_text() == "do not delete"
+    (theirs / OWNED_MARK).write_text("")
+    assert make_plan(cfg).student_dir == theirs

@@ -129,3 +129,24 @@ def test_student_rank_prepass_is_recorded_and_reused(env):
     cfg = env["cfg"](*args, "mlflow.run_name=student-rank-again")
     assert student_rank_scores(make_plan(cfg), source=None, resources=None) == [scores["t4"], scores["t2"]]
     assert len(runs(env, "prepass")) == 2
+
+
+def test_a_failure_after_training_is_a_warning_not_a_failed_run(env):
+    """Plots (or model logging) that fail after a full training run leave the run FINISHED with a warning tag;
+    the student folder is written and marked as skd's own."""
+    from orchestrator.outputs import OWNED_MARK
+    from orchestrator.plan import make_plan
+    from orchestrator.runner import distill_spec, run_training
+
+    cfg = env["cfg"]("distill.strategy=no-kd", "distill.max_steps=2", "mlflow.run_name=plots-fail")
+    plan = make_plan(cfg)
+
+    def broken_plots(*args):
+        raise RuntimeError("disk full")
+
+    res = run_training(cfg, distill_spec(plan, None), run_name=plan.run_name, tags={}, params={},
+                       model_out=plan.student_dir, use_gpu=False, figures=broken_plots)
+    run = env["client"].get_run(res.run_id)
+    assert res.status == "FINISHED" and run.info.status == "FINISHED"
+    assert "disk full" in run.data.tags["skd.warning.plots"]
+    assert (plan.student_dir / OWNED_MARK).is_file() and (plan.student_dir / "config.json").is_file()

@@ -124,3 +124,31 @@ def test_mismatched_and_partial_caches_are_refused_then_resumed(env, tmp_path):
     summary = build_cache(env["cfg"](), partial)  # resumes: writes only the missing shard
     assert summary["complete"] and (partial / "tb" / "shard-00001.safetensors").is_file()
     assert (partial / "ta" / "shard-00000.safetensors").stat().st_mtime_ns == kept
+
+
+def test_open_source_opens_what_the_plan_names_and_always_releases_it(env):
+    """A teacher pool (online) or the cache reader (cache:PATH), released on an error in the block too."""
+    from actors.cache import CacheReader
+    from actors.knowledge import KnowledgeSource
+    from actors.pool import TeacherPool
+    from orchestrator.sources import open_source
+
+    plan = make_plan(env["cfg"]())
+    resources = plan.resources(ray.cluster_resources(), len(plan.active))
+    with pytest.raises(RuntimeError, match="boom"):
+        with open_source(plan, resources) as pool:
+            assert isinstance(pool, TeacherPool) and isinstance(pool, KnowledgeSource) and pool.live() == [0, 1]
+            handles = list(pool.actors.values())
+            raise RuntimeError("boom")
+    assert pool.actors == {}
+    for handle in handles:  # killed: a call fails instead of being served
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.ping.remote(), timeout=60)
+    cached = make_plan(env["cfg"](f"distill.knowledge.source=cache:{env['summary']['path']}"))
+    with open_source(cached) as reader:
+        assert isinstance(reader, CacheReader) and reader.names == ["ta", "tb"]
+        b = cached.inputs.train.batch(np.arange(4), cached.inputs.pad_id)
+        batch = TokenBatch(b["input_ids"], b["attention_mask"], b["ids"])
+        assert reader.submit(0, batch, cached.knowledge.request).result().logits.shape == (4, 2)
+        assert reader.cache._shards  # a shard was mapped
+    assert reader.cache._shards == {}  # released

@@ -1,8 +1,8 @@
 """`skd tune`: a Ray Tune campaign over sampling distributions and KD settings, one shared teacher pool.
 
-Top to bottom: validate the config and every search dimension's range (before Ray); start ONE teacher
-pool for all trials; run the student-rank pre-pass once if the space can pick that family; open the
-campaign's parent MLflow run; run Tune (ASHA or FIFO; random or seeded Optuna TPE search), where each
+Top to bottom: validate the config and every search dimension's range and make the run plan (before
+Ray); open the campaign's parent MLflow run; open ONE knowledge source for all trials (a teacher pool, or
+the offline cache's reader); run the student-rank pre-pass once if the space can pick that family; run Tune (ASHA or FIFO; random or seeded Optuna TPE search), where each
 trial runs `skd distill`'s own code with the shared pool and reports dev metrics at each evaluation
 through Ray Train's TuneReportCallback; settle child-run statuses (stopped trials end KILLED); log the
 campaign report to the parent run.
