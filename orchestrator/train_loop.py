@@ -47,6 +47,8 @@ class DistillRecipe:
         spec, run = self.spec, self.spec.run
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if self.world != run.steps.world:  # the step arithmetic was planned for another number of workers
+            raise RuntimeError(f"run planned for {run.steps.world} workers, Ray Train started {self.world}")
         torch.set_num_threads(run.threads)
         self.train_data, self.dev_data = _fetch(spec.task.train), _fetch(spec.task.dev)
         self.trainer = StudentTrainer(spec, ray.train.torch.get_device(), self.world)
