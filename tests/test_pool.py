@@ -36,6 +36,22 @@ def test_actor_knowledge_equals_in_process(ray_cluster, teachers):
         avg = pool.submit_average(batch()).result()
         assert avg.teacher == -1
         np.testing.assert_allclose(avg.logits, want, rtol=1e-5, atol=1e-6)  # two copies of one model
+    finally:
+        pool.close()
+
+
+def test_average_is_the_mean_of_every_teacher(ray_cluster, tmp_path):
+    """Two teachers with different weights: the average equals the mean of both answers, so a pool that
+    asked only one teacher (or returned one answer) fails."""
+    from tests.tiny import make_tiny_teachers
+
+    infos, _ = make_tiny_teachers(tmp_path, {"a": (2, 32, 2), "b": (2, 32, 2)})
+    pool = TeacherPool.start(infos, [0, 1], num_cpus=0.25, num_gpus=0, threads=1, regression=False)
+    try:
+        answers = [Teacher(k, t.checkpoint, 2, device="cpu").knowledge(batch()).logits for k, t in enumerate(infos)]
+        assert not np.allclose(answers[0], answers[1], atol=1e-4)  # the test can tell the teachers apart
+        avg = pool.submit_average(batch()).result()
+        np.testing.assert_allclose(avg.logits, (answers[0] + answers[1]) / 2, rtol=1e-5, atol=1e-6)
         half = pool.knowledge(1, batch(), KnowledgeRequest(wire_dtype="float16"))
         assert half.logits.dtype == np.float16
     finally:
