@@ -114,7 +114,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass -c configs/<task>.yaml")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte offset {exc.start}); save it as UTF-8") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):

@@ -129,10 +129,16 @@ class Examples:
 
 def _map_labels(raw: Sequence[str], spec: TaskSpec, where: str) -> np.ndarray:
     if spec.labels is None:
-        try:
-            return np.asarray([float(x) for x in raw], dtype=np.float32)
-        except ValueError as exc:
-            raise DataError(f"{where}: regression label is not a number ({exc})") from None
+        scores = np.empty(len(raw), dtype=np.float32)
+        for row, value in enumerate(raw):
+            try:
+                scores[row] = float(value)
+            except ValueError:
+                scores[row] = np.nan
+            if not np.isfinite(scores[row]):
+                raise DataError(f"{where}: row {row + 1} has regression label {str(value)[:40]!r}, which is not a "
+                                f"finite number; fix or drop that row")
+        return scores
     index = {lab: i for i, lab in enumerate(spec.labels)}
     out = np.empty(len(raw), dtype=np.int64)
     for row, value in enumerate(raw):
@@ -155,10 +161,17 @@ def read_delimited(path: Path, spec: TaskSpec, delimiter: str = "\t") -> Example
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; set data.glue_dir (or $GLUE_DIR) to a folder "
                         f"with {spec.folder or '<task>'}/train.tsv and dev files, or use data.source=hub")
-    text = path.read_text(encoding="utf-8-sig")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); save "
+                        f"the file as UTF-8") from None
     if delimiter == "\t":
         rows = [line.split("\t") for line in text.splitlines() if line.strip()]
     else:
+        csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long text is data, not an error
         rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if r]
     if not rows:
         raise DataError(f"data file {path} is empty")
