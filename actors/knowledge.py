@@ -27,6 +27,12 @@ class TokenBatch:
     attention_mask: np.ndarray
     ids: np.ndarray
 
+    @classmethod
+    def of(cls, batch: dict[str, np.ndarray]) -> "TokenBatch":
+        """The token part of a padded batch dict (`input_ids`, `attention_mask` [B, L], `ids` [B]; other keys
+        such as `labels` stay with the student)."""
+        return cls(batch["input_ids"], batch["attention_mask"], batch["ids"])
+
     def check(self) -> "TokenBatch":
         """Validate shapes and dtypes.
 

@@ -56,7 +56,7 @@ def main() -> None:
     data = encode(load_split("sst2", DataConfig(max_train_samples=n * args.batch_size), "train"),
                   load_tokenizer("minilm"), args.max_length)
     batches = [data.batch(np.arange(i * args.batch_size, (i + 1) * args.batch_size), 0) for i in range(n)]
-    tbs = [TokenBatch(b["input_ids"], b["attention_mask"], b["ids"]) for b in batches]
+    tbs = [TokenBatch.of(b) for b in batches]
 
     # a teacher checkpoint: the packaged MiniLM's bottom layers with a fresh head, saved once
     teacher_dir = Path(os.environ.get("SKD_BENCH_DIR", "/tmp/skd-bench")) / f"teacher-l{args.teacher_layers}"

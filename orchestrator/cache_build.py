@@ -71,8 +71,7 @@ def build_cache(cfg: SkdConfig, path: Path | None = None, *, overwrite: bool = F
     kept = full = 0.0
     if todo:
         def batch_of(rows: np.ndarray) -> TokenBatch:
-            b = inputs.train.batch(rows, inputs.pad_id)
-            return TokenBatch(b["input_ids"], b["attention_mask"], b["ids"])
+            return TokenBatch.of(inputs.train.batch(rows, inputs.pad_id))
 
         left = sum(len(shards) for shards in missing.values())
         print(f"[skd] cache build -> {path}: {left} shard(s) of {writer.shard_size} rows to write "

@@ -63,8 +63,7 @@ class KnowledgeFeed:
 
     def _send(self, step: int) -> None:
         """Draw the teacher for `step` (skd) and send its request for the step's stage, without waiting."""
-        b = self.batches(step)
-        batch = TokenBatch(b["input_ids"], b["attention_mask"], b["ids"])
+        batch = TokenBatch.of(self.batches(step))
         layers = self.stage(step).layers
         request = self.request.subset(student_layers=layers) if self.request.needs_layers else self.request
         if self.strategy == "average":

@@ -117,7 +117,7 @@ class DistillRecipe:
         elapsed = time.perf_counter() - start
         rate = (n + served) / max(elapsed, 1e-9)
         self.logger.log({"train/samples_per_s": rate,
-                         **{f"teacher_samples/{name}": c for name, c in zip(self.names, self.feed.counts)}}, step)
+                         **self._teacher_samples()}, step)
         self.logger.flush()
         if self.rank == 0:
             eta = (total - step) * elapsed / max(1, (n + served) / served)
@@ -125,6 +125,10 @@ class DistillRecipe:
                   f"kd {terms['loss_kd'].item():.4f}) {rate:.1f} samples/s wait {waited + wait:.2f}s ETA {eta:.0f}s",
                   flush=True)
         self.window = (time.perf_counter(), 0, 0.0)
+
+    def _teacher_samples(self) -> dict[str, int]:
+        """{"teacher_samples/<name>": examples that teacher served so far (global, the whole run)}."""
+        return {f"teacher_samples/{name}": c for name, c in zip(self.names, self.feed.counts)}
 
     def _report(self, step: int, checkpoint: bool) -> None:
         """Evaluate (at evaluation steps), probe GSNR when due, and report to Ray Train on every rank, with a
@@ -135,7 +139,7 @@ class DistillRecipe:
         metrics: dict[str, float] = {"step": step, "finished": float(step >= run.steps.total),  # not "done": Tune's
                                      "wall_s": seconds, "samples": self.samples,
                                      "samples_per_s": self.samples / max(seconds, 1e-9),
-                                     **{f"teacher_samples/{n}": c for n, c in zip(self.names, self.feed.counts)}}
+                                     **self._teacher_samples()}
         if step in run.steps.evals and self.rank == 0:
             dev = {f"dev/{k}": v for k, v in self.trainer.evaluate(self.dev_data, run.eval_batch_size).items()}
             if run.best_teacher_metric:

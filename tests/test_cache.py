@@ -18,8 +18,8 @@ from safetensors import safe_open
 
 from actors.cache import (CacheError, CacheMismatchError, CacheNotFoundError, CacheReader, CacheWriter,
                           KnowledgeCache, PartialCacheError, build_shards, cache_summary)
-from actors.knowledge import (Knowledge, KnowledgeRequest, KnowledgeSource, PendingKnowledge, TokenBatch,
-                              average_logits)
+from actors.knowledge import Knowledge, KnowledgeRequest, KnowledgeSource, PendingKnowledge, TokenBatch
+from tests import fakes
 
 FIELDS = ("logits", "layers", "hidden", "token_index", "token_mask", "width_index", "attentions", "cls")
 FP = {"request": {"outputs": ["logits", "hidden"], "num_tokens": 4}, "vocab": "abc123", "max_length": 12,
@@ -354,40 +354,13 @@ def fake_answer(k: int, batch: TokenBatch, request: KnowledgeRequest) -> Knowled
     return Knowledge(teacher=k, compute_s=0.001, layers=np.array([DIMS[k][0] // 2, DIMS[k][0]]), **arrays)
 
 
-class Answered:
-    """A `PendingKnowledge` already there."""
+def FakeSource(root: Path, names: list[str]) -> fakes.FakeSource:
+    """Answers with `fake_answer`; records every call as (teacher, example ids, shard files of that teacher on
+    disk when asked)."""
+    def record(kind, k, batch, request):
+        return k, batch.ids.tolist(), len(list((root / names[k]).glob("shard-*.safetensors")))
 
-    def __init__(self, knowledge: Knowledge) -> None:
-        self.knowledge = knowledge
-
-    def result(self) -> Knowledge:
-        return self.knowledge
-
-
-class FakeSource:
-    """An in-process `KnowledgeSource` (no Ray): answers with `fake_answer` and records every call as
-    (teacher, example ids, shard files of that teacher on disk when asked)."""
-
-    def __init__(self, root: Path, names: list[str]) -> None:
-        self.root, self._names, self.calls, self.closed = root, names, [], False
-
-    @property
-    def names(self) -> list[str]:
-        return self._names
-
-    def live(self) -> list[int]:
-        return list(range(len(self._names)))
-
-    def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Answered:
-        written = len(list((self.root / self._names[k]).glob("shard-*.safetensors")))
-        self.calls.append((k, batch.ids.tolist(), written))
-        return Answered(fake_answer(k, batch, request))
-
-    def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Answered:
-        return Answered(average_logits([fake_answer(k, batch, request) for k in self.live()], 0.0))
-
-    def close(self) -> None:
-        self.closed = True
+    return fakes.FakeSource(names, fake_answer, record)
 
 
 @pytest.mark.parametrize("tokens", ["first", "all"])

@@ -5,45 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.knowledge import Knowledge, KnowledgeRequest, KnowledgeSource, TokenBatch, average_logits
+from actors.knowledge import Knowledge, KnowledgeRequest, KnowledgeSource
 from orchestrator.feed import KnowledgeFeed
 from orchestrator.sampling import TeacherSampler
+from tests import fakes
 
 
-class FakePending:
-    def __init__(self, knowledge: Knowledge) -> None:
-        self.knowledge = knowledge
-
-    def result(self) -> Knowledge:
-        return self.knowledge
-
-
-class FakeSource:
-    """Teacher k answers logits filled with k + 1 (average: their mean); every call is recorded."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.calls = n, []
-
-    @property
-    def names(self) -> list[str]:
-        return [f"t{k}" for k in range(self.n)]
-
-    def live(self) -> list[int]:
-        return list(range(self.n))
-
-    def _answer(self, k: int, batch: TokenBatch) -> Knowledge:
-        return Knowledge(k, np.full((batch.size, 2), k + 1.0, np.float32), 0.0)
-
-    def submit(self, k, batch, request=KnowledgeRequest()):
-        self.calls.append(("submit", k, int(batch.ids[0]), request))
-        return FakePending(self._answer(k, batch))
-
-    def submit_average(self, batch, request=KnowledgeRequest()):
-        self.calls.append(("average", -1, int(batch.ids[0]), request))
-        return FakePending(average_logits([self._answer(k, batch) for k in range(self.n)], 0.0))
-
-    def close(self) -> None:
-        self.calls.append(("close",))
+def FakeSource(n: int) -> fakes.FakeSource:
+    """Teacher k answers logits filled with k + 1 (average: their mean); calls are recorded as
+    (kind, teacher, first example id, request)."""
+    return fakes.FakeSource([f"t{k}" for k in range(n)],
+                            lambda k, batch, request: Knowledge(k, np.full((batch.size, 2), k + 1.0, np.float32), 0.0),
+                            lambda kind, k, batch, request: (kind, k, int(batch.ids[0]), request))
 
 
 def batches(step: int) -> dict[str, np.ndarray]:
