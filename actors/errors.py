@@ -23,3 +23,22 @@ class DataError(SkdError):
 
 class TeacherError(SkdError):
     """A teacher checkpoint that does not exist, does not load, or does not match the student."""
+
+
+class TeacherLostError(Exception):
+    """One teacher can no longer serve: its actor died for good (restarts used up, node gone, killed) or
+    did not answer within the knowledge timeout. Raised by a `PendingKnowledge.result()`; the knowledge
+    feed catches it, drops the teacher and asks a live one (not a user error, so not an `SkdError`).
+
+    Args:
+        teacher: the lost teacher's index in the ensemble.
+        reason: what happened, e.g. "ActorDiedError: ..." or "no answer within 300 s".
+    """
+
+    def __init__(self, teacher: int, reason: str) -> None:
+        super().__init__(f"teacher {teacher} lost: {reason}")
+        self.teacher, self.reason = teacher, reason
+
+
+class TeachersLostError(SkdError):
+    """Every teacher a run could ask is lost; the run stops with a checkpoint (resume with `--resume`)."""

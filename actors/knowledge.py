@@ -284,11 +284,14 @@ class KnowledgeSource(Protocol):
         ...
 
     def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingKnowledge:
-        """Ask teacher k for the knowledge of one batch without waiting."""
+        """Ask teacher k for the knowledge of one batch without waiting. Its `result()` raises
+        `actors.errors.TeacherLostError` when k can no longer serve."""
         ...
 
-    def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingKnowledge:
-        """Ask every live teacher; `result()` holds their logits averaged ([B, C] float32, teacher -1)."""
+    def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest(),
+                       teachers: list[int] | None = None) -> PendingKnowledge:
+        """Ask `teachers` (default: every live one); `result()` holds their logits averaged ([B, C] float32,
+        teacher -1)."""
         ...
 
     def close(self) -> None:

@@ -16,7 +16,10 @@ import ray
 from actors.knowledge import Knowledge, KnowledgeRequest, TokenBatch, average_logits
 from actors.manifest import TeacherInfo
 from actors.teacher import Teacher
-from actors.errors import SkdError
+from actors.errors import SkdError, TeacherLostError
+
+#: Ray errors after which a teacher cannot answer (restarts used up, node gone, killed for good).
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.GetTimeoutError)
 
 
 @dataclass(frozen=True)
@@ -54,18 +57,38 @@ class PlacementPlan:
 class PendingAnswers:
     """Knowledge requested from teacher actors but not yet received (one teacher, or several to average).
 
-    `result()` blocks, records how long the caller waited, and averages logits over teachers when the
-    request went to several (`actors.knowledge.average_logits`).
+    `result()` blocks (at most `timeout_s` seconds in all), records how long the caller waited, and
+    averages logits over teachers when the request went to several (`actors.knowledge.average_logits`).
+
+    Args:
+        refs: one object ref per asked teacher; teachers: their indices (same order).
+        teacher: the serving teacher's index, or -1 for an average over `teachers`.
+        timeout_s: the knowledge timeout (None: wait forever).
     """
 
-    def __init__(self, refs: list[ray.ObjectRef], teacher: int) -> None:
-        self._refs = refs
-        self.teacher = teacher  # -1 for an average over teachers
+    def __init__(self, refs: list[ray.ObjectRef], teachers: list[int], teacher: int,
+                 timeout_s: float | None = None) -> None:
+        self._refs, self._teachers = refs, teachers
+        self.teacher = teacher
+        self.timeout_s = timeout_s
 
     def result(self) -> Knowledge:
-        """The answer (`wait_s` = seconds blocked here)."""
+        """The answer (`wait_s` = seconds blocked here).
+
+        Raises:
+            TeacherLostError: an asked teacher's actor died for good, or no answer came within `timeout_s`
+                (a restarting actor is waited for: Ray retries the call up to `max_task_retries` times).
+        """
         start = time.perf_counter()
-        parts: list[Knowledge] = ray.get(self._refs)
+        parts: list[Knowledge] = []
+        for k, ref in zip(self._teachers, self._refs):
+            left = None if self.timeout_s is None else max(0.0, self.timeout_s - (time.perf_counter() - start))
+            try:
+                parts.append(ray.get(ref, timeout=left))
+            except LOST as exc:
+                reason = (f"no answer within the knowledge timeout ({self.timeout_s:g} s)"
+                          if isinstance(exc, ray.exceptions.GetTimeoutError) else f"{type(exc).__name__}")
+                raise TeacherLostError(k, reason) from exc
         wait = time.perf_counter() - start
         if self.teacher >= 0:
             return dataclasses.replace(parts[0], wait_s=wait)  # every requested output, as served
@@ -80,14 +103,17 @@ class TeacherPool:
         actors: teacher index -> actor handle, for the members that were started.
     """
 
-    def __init__(self, teachers: list[TeacherInfo], actors: dict[int, ray.actor.ActorHandle]) -> None:
+    def __init__(self, teachers: list[TeacherInfo], actors: dict[int, ray.actor.ActorHandle],
+                 timeout_s: float | None = None) -> None:
         self.teachers = teachers
         self.actors = actors
+        self.timeout_s = timeout_s  # the knowledge timeout of each request (None: wait forever)
 
     @classmethod
     def start(cls, teachers: list[TeacherInfo], active: list[int], *, num_cpus: float, num_gpus: float,
               threads: int, regression: bool, plan: PlacementPlan | None = None,
-              attn_implementation: str | None = None, wait: bool = True) -> "TeacherPool":
+              attn_implementation: str | None = None, wait: bool = True, max_restarts: int = 2,
+              max_task_retries: int = 2, timeout_s: float | None = None) -> "TeacherPool":
         """Check placement, then start one actor per active teacher (and wait until all are loaded).
 
         Args:
@@ -99,21 +125,25 @@ class TeacherPool:
             wait: block until every teacher is loaded. False lets the caller start the student meanwhile
                 (teachers load while Ray Train starts its workers, ~10 s saved per run on 2 cores); the first
                 knowledge request then waits, and `check_loaded` explains a failure.
+            max_restarts: times Ray restarts a teacher actor whose process died, before it is lost for good.
+            max_task_retries: times Ray re-sends a request whose actor died (while restarts remain).
+            timeout_s: seconds a knowledge request may take before its teacher counts as lost (the first
+                request of a run also waits for the teacher to load); None: no limit.
 
         Raises:
             SkdError: the cluster cannot hold the plan, or (wait=True) a teacher failed to load.
         """
         if plan is not None:
             plan.check(ray.cluster_resources())
-        remote = ray.remote(Teacher).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=2,
-                                             max_task_retries=2)
+        remote = ray.remote(Teacher).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                             max_task_retries=max_task_retries)
         actors = {}
         for i in active:
             t = teachers[i]
             actors[i] = remote.remote(
                 i, t.checkpoint, t.num_labels, regression, threads, "cuda" if num_gpus > 0 else "cpu",
                 attn_implementation)
-        pool = cls(teachers, actors)
+        pool = cls(teachers, actors, timeout_s)
         if wait:
             try:
                 pool.check_loaded()
@@ -150,12 +180,16 @@ class TeacherPool:
 
     def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
         """Ask teacher k for knowledge of a batch without waiting (prefetch)."""
-        return PendingAnswers([self.actors[k].knowledge.remote(batch, request)], k)
+        return PendingAnswers([self.actors[k].knowledge.remote(batch, request)], [k], k, self.timeout_s)
 
-    def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
-        """Ask every started teacher; `result()` returns the logits averaged over teachers."""
+    def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest(),
+                       teachers: list[int] | None = None) -> PendingAnswers:
+        """Ask `teachers` (default: every started one) at once, so they compute in parallel; `result()`
+        returns the logits averaged over them."""
+        teachers = self.live() if teachers is None else list(teachers)
         ref = ray.put(batch)  # one copy in the object store, shared by all teachers
-        return PendingAnswers([a.knowledge.remote(ref, request) for a in self.actors.values()], -1)
+        return PendingAnswers([self.actors[k].knowledge.remote(ref, request) for k in teachers], teachers, -1,
+                              self.timeout_s)
 
     def knowledge(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Knowledge:
         """Blocking form of `submit`."""

@@ -56,6 +56,7 @@ class Teacher:
         self.num_layers = int(config.num_hidden_layers)  # L_t
         self.hidden_size = int(config.hidden_size)  # D_t
         self.num_heads = int(config.num_attention_heads)  # H_t
+        self.requests, self.examples, self.compute_s = 0, 0, 0.0  # served so far (see `stats`)
 
     def dims(self) -> dict[str, int]:
         """The teacher's shape: {"num_layers": L_t, "hidden_size": D_t, "num_heads": H_t}.
@@ -131,7 +132,15 @@ class Teacher:
         if "cls" in request.outputs:
             answer.cls = to_wire(torch.stack([out.hidden_states[l][:, 0] for l in layers], dim=1), wire)  # [B, k, D_t]
         answer.compute_s = time.perf_counter() - start
+        self.requests, self.examples = self.requests + 1, self.examples + batch.size
+        self.compute_s += answer.compute_s
         return answer
+
+    def stats(self) -> dict[str, float]:
+        """What this teacher served: {"requests", "examples", "compute_s" (seconds in forward passes),
+        "device"}."""
+        return {"requests": self.requests, "examples": self.examples, "compute_s": self.compute_s,
+                "device": str(self.device)}
 
     def ping(self) -> int:
         """Liveness check used by the pool after start-up; returns the teacher index."""

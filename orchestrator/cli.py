@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from actors.errors import SkdError
+from actors.errors import SkdError, TeachersLostError
 from orchestrator import runtime  # noqa: F401  (sets quiet Ray/MLflow environment defaults first)
 from orchestrator.config import DataConfig
 from orchestrator.config_load import load_config
@@ -40,6 +40,14 @@ def fail(exc: SkdError) -> None:
     """Print a user error as one line (no traceback) and exit with status 2."""
     console.print(Text("error: ", style="bold red") + Text(str(exc)))  # Text: no markup parsing of "[t4]"
     raise typer.Exit(2)
+
+
+def resume_command(config: Path, set_: list[str] | None) -> str:
+    """The `skd distill ... --resume` command that continues a run started with these arguments."""
+    import shlex
+
+    sets = " ".join(f"--set {shlex.quote(s)}" for s in set_ or [])
+    return f"skd distill -c {shlex.quote(str(config))} {sets + ' ' if sets else ''}--resume"
 
 
 @teachers_app.command("prepare")
@@ -85,6 +93,13 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
             raise SkdError(f"--resume-from {resume_from}: not a checkpoint folder (no trainer_state.json)")
         result = run_distill(cfg, resume=resume, resume_from=str(resume_from) if resume_from else None,
                              stop_after=stop_after)
+    except TeachersLostError as exc:
+        console.print(f"resume with: {resume_command(config, set_)}", highlight=False)
+        fail(exc)
+    except KeyboardInterrupt:
+        console.print(f"interrupted; continue from the last checkpoint with: {resume_command(config, set_)}",
+                      highlight=False)
+        raise typer.Exit(130)
     except SkdError as exc:
         fail(exc)
     table = Table(title=f"skd distill: {cfg.task}, run {result.run_name} ({result.status})")
@@ -102,8 +117,10 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
     table.add_row("MLflow run", result.run_id)
     console.print(table)
     if result.status == "KILLED":
-        console.print(f"stopped early; continue with: skd distill -c {config} --resume")
+        console.print(f"stopped early; continue with: {resume_command(config, set_)}", highlight=False)
     console.print(f"browse runs: [bold]{ui_command(cfg.tracking_uri())}[/]", highlight=False)
+    if result.interrupted:
+        raise typer.Exit(130)
 
 
 @cache_app.command("build")

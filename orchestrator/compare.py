@@ -19,6 +19,7 @@ from orchestrator.data import prepare_inputs
 from orchestrator.distill import run_distill
 from orchestrator.plan import make_plan
 from orchestrator.runner import RunResult
+from orchestrator import tracking
 from orchestrator.runtime import ray_session
 from orchestrator.sources import open_source
 
@@ -81,6 +82,7 @@ def run_comparison(cfg: SkdConfig, config_path: str | None, variants: list[str],
     # one pool of the whole ensemble for every variant (or the cache they read); none when all are no-kd
     shared = next((p for p in plans.values() if p.knowledge is not None), next(iter(plans.values())))
     results: dict[str, list[RunResult]] = {v: [] for v in variants}
+    tracking.check_store(cfg.tracking_uri())  # before Ray
     with ray_session(cfg.ray):
         everyone = list(range(len(shared.teachers)))
         with open_source(shared, shared.resources(ray.cluster_resources(), len(everyone)), everyone) as pool:

@@ -117,6 +117,13 @@ class TeachersConfig(_Strict):
     num_cpus: float = Field(0.5, gt=0, description="Logical CPUs per teacher actor.")
     num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per teacher actor; auto = 1 when the cluster has GPUs.")
     threads: int = Field(1, gt=0, description="torch threads per teacher actor on CPU.")
+    max_restarts: int = Field(2, ge=0, description="Times Ray restarts a teacher actor whose process died before "
+                                                   "the teacher counts as lost for the run.")
+    max_task_retries: int = Field(2, ge=0, description="Times Ray re-sends a knowledge request whose teacher "
+                                                       "died while restarts remain.")
+    knowledge_timeout_s: float | None = Field(
+        600.0, gt=0, description="Seconds a knowledge request may take (the first also waits for the teacher to "
+                                 "load) before its teacher counts as lost; null: wait forever.")
 
     @field_validator("members")
     @classmethod
@@ -242,6 +249,8 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a local cluster; default: all cores.")
     storage_path: Path | None = Field(None, description="Ray Train storage (checkpoints). Default: <output_dir>/ray.")
+    max_failures: int = Field(1, ge=-1, description="Times Ray Train restarts the student workers from the latest "
+                                                    "checkpoint after a worker failure (-1: always, 0: never).")
 
 
 class MlflowConfig(_Strict):

@@ -108,6 +108,7 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
         SkdError (ConfigError, DataError, TeacherError, CacheError): bad input, before any Ray resources are taken.
     """
     plan = plan or make_plan(cfg)
+    tracking.check_store(cfg.tracking_uri())  # an unreachable store fails here, before any Ray resource
     with ray_session(cfg.ray):
         own_pool = source is None and plan.uses_teacher_actors
         resources = plan.resources(ray.cluster_resources(), len(plan.active) if own_pool else 0)

@@ -6,6 +6,13 @@ teacher). The feed owns the sampler, the prefetch (step t+1's request leaves as 
 arrives, so the teacher computes it during the student's backward pass and next forward), the IR schedule's stage of each
 step (`orchestrator.schedule`) and the per-teacher sample counts; `state_dict` is what a checkpoint
 needs for a resumed run to draw the same teachers.
+
+Teachers lost for good (`actors.errors.TeacherLostError`: actor dead after its restarts, or silent past the
+knowledge timeout) are dropped: every step the ranks agree on the teachers lost at that step (`agree`, a
+collective over the data-parallel group), so all ranks drop the same teachers at the same step, draw the
+step again from p renormalised over the live teachers (the same generator on every rank, so the same
+teacher), and go on; `average` averages over the live teachers. With no teacher left the feed raises
+`TeachersLostError`, and its state is that of the step before, for a checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from actors.errors import TeacherLostError, TeachersLostError
 from actors.knowledge import Knowledge, KnowledgeRequest, KnowledgeSource, PendingKnowledge, TokenBatch
 from orchestrator.sampling import TeacherSampler
 from orchestrator.schedule import Stage, stage_at
@@ -38,6 +46,8 @@ class KnowledgeFeed:
         schedule / ir_fraction: the IR schedule (see `orchestrator.schedule.stage_at`).
         prefetch: request step t+1 when step t's answer arrives (False: request each step only when the
             loop asks for its knowledge, so teacher and student run in turn).
+        agree: teachers this rank found lost at a step -> the union over all data-parallel ranks; called by
+            every rank at every step (a collective). Default: this rank's list (one worker).
 
     Raises:
         ConfigError: invalid probabilities (from `TeacherSampler`).
@@ -46,14 +56,19 @@ class KnowledgeFeed:
     def __init__(self, source: KnowledgeSource | None, batches: Callable[[int], dict[str, np.ndarray]], world: int,
                  total: int, strategy: str = "skd", probs: list[float] | None = None, seed: int = 0,
                  request: KnowledgeRequest = KnowledgeRequest(), schedule: str = "none", ir_fraction: float = 0.5,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, agree: Callable[[list[int]], list[int]] | None = None) -> None:
         self.source, self.batches, self.world, self.total = source, batches, world, total
         self.strategy, self.request, self.prefetch = strategy, request, prefetch
         self.schedule, self.ir_fraction = schedule, ir_fraction
+        self.agree = agree or (lambda lost: lost)
         self.sampler = TeacherSampler(probs, seed) if source is not None and strategy == "skd" else None
         self.counts = [0] * (len(source.names) if source is not None else 0)  # examples served per teacher
+        self._live = list(source.live()) if source is not None else []
+        self.lost: dict[int, tuple[int, str]] = {}  # teacher -> (0-based step, reason)
+        self.events: list[tuple[int, int, str]] = []  # (step, teacher, reason) not yet logged; see `drain_events`
         self._pending: tuple[int, PendingKnowledge] | None = None
         self._sampler_before_pending: dict[str, Any] | None = None
+        self._sampler_at_stop: dict[str, Any] | None = None  # set when every teacher is lost
 
     def stage(self, step: int) -> Stage:
         """Which IR layers and whether soft labels apply at a 0-based `step`."""
@@ -61,47 +76,108 @@ class KnowledgeFeed:
             return SOFT_LABELS_ONLY
         return stage_at(step, self.total, self.schedule, self.request.student_layers, self.ir_fraction)
 
+    def live(self) -> list[int]:
+        """Indices of the teachers this run still asks (ascending)."""
+        return list(self._live)
+
     def _send(self, step: int) -> None:
-        """Draw the teacher for `step` (skd) and send its request for the step's stage, without waiting."""
+        """Draw the teacher for `step` (skd) and send its request for the step's stage, without waiting.
+
+        Raises:
+            TeachersLostError: no live teacher left (or none with probability > 0).
+        """
+        live = self._live
+        if not live or (self.sampler is not None and self.sampler.mass(live) <= 0):
+            raise TeachersLostError(self._all_lost_message(step))
         batch = TokenBatch.of(self.batches(step))
         layers = self.stage(step).layers
         request = self.request.subset(student_layers=layers) if self.request.needs_layers else self.request
         if self.strategy == "average":
-            pending = self.source.submit_average(batch, request)
+            pending = self.source.submit_average(batch, request, teachers=list(live))
         else:
-            self._sampler_before_pending = self.sampler.state_dict()
-            pending = self.source.submit(self.sampler.draw(), batch, request)
+            pending = self.source.submit(self.sampler.draw(live), batch, request)
         self._pending = (step, pending)
+
+    def _all_lost_message(self, step: int) -> str:
+        lost = "; ".join(f"{self.source.names[k]} at step {s + 1} ({why})" for k, (s, why) in sorted(self.lost.items()))
+        left = [self.source.names[k] for k in self._live]
+        tail = f"; the teachers left ({', '.join(left)}) have sampling probability 0" if left else ""
+        return f"every teacher this run asks is lost before step {step + 1}: {lost or 'none started'}{tail}"
 
     def begin(self, step: int) -> None:
         """Send the first step's request ahead (with prefetch), so it overlaps the student's first forward."""
         if self.source is not None and self.prefetch and self._pending is None:
+            self._remember_sampler()
             self._send(step)
+
+    def _remember_sampler(self) -> None:
+        """Keep the generator state before a step's first draw (what a checkpoint stores for that step)."""
+        if self.sampler is not None:
+            self._sampler_before_pending = self.sampler.state_dict()
 
     def next_knowledge(self, step: int) -> Knowledge | None:
         """The knowledge of a 0-based `step` (blocking until it arrives); None without a source.
 
-        Steps must come in order. Counts `B * world` examples for the serving teacher (every teacher for
-        average) and, with prefetch, sends step+1's request before returning.
+        Steps must come in order. Counts `B * world` examples for the serving teacher (every live teacher
+        for average) and, with prefetch, sends step+1's request before returning. A teacher lost at this
+        step (on any rank) is dropped on every rank and the step is asked again of the live teachers.
+
+        Raises:
+            TeachersLostError: no teacher is left to ask; `state_dict()` then holds the state before `step`.
         """
         if self.source is None:
             return None
         if self._pending is None or self._pending[0] != step:
-            self._send(step)
-        knowledge = self._pending[1].result()
-        self._pending = None
+            self._remember_sampler()
+        while True:
+            knowledge, found = None, {}
+            try:
+                if self._pending is None or self._pending[0] != step:
+                    self._send(step)
+                knowledge = self._pending[1].result()
+            except TeacherLostError as exc:
+                found[exc.teacher] = exc.reason
+            except TeachersLostError:
+                self._stop_at(step)
+                raise
+            self._pending = None
+            lost = sorted(set(self.agree(sorted(found))))  # the same on every rank
+            if not lost:
+                break
+            for k in lost:
+                if k in self._live:
+                    reason = found.get(k, "lost on another data-parallel worker")
+                    self.lost[k] = (step, reason)
+                    self.events.append((step, k, reason))
+                    self._live.remove(k)
         served = len(self.batches(step)["ids"]) * self.world
-        for k in ([knowledge.teacher] if knowledge.teacher >= 0 else range(len(self.counts))):
+        for k in ([knowledge.teacher] if knowledge.teacher >= 0 else self._live):
             self.counts[k] += served
         if self.prefetch and step + 1 < self.total:
-            self._send(step + 1)
+            self._remember_sampler()
+            try:
+                self._send(step + 1)
+            except TeachersLostError:
+                pass  # raised again, with the checkpoint state, when step + 1 asks for its knowledge
         return knowledge
+
+    def _stop_at(self, step: int) -> None:
+        """Every teacher is lost at `step`: the state to checkpoint is the one before its draw."""
+        self._pending = None
+        self._sampler_at_stop = self._sampler_before_pending
+
+    def drain_events(self) -> list[tuple[int, int, str]]:
+        """Teacher losses since the last call: (0-based step, teacher index, reason)."""
+        events, self.events = self.events, []
+        return events
 
     def state_dict(self) -> dict[str, Any]:
         """{"counts": [N] examples per teacher, "sampler": generator state before the next step's draw}
         (JSON-serialisable; a prefetched draw is not part of it, so a resumed run draws it again)."""
         sampler = None
-        if self.sampler is not None:
+        if self._sampler_at_stop is not None:
+            sampler = self._sampler_at_stop
+        elif self.sampler is not None:
             sampler = self._sampler_before_pending if self._pending is not None else self.sampler.state_dict()
         return {"counts": list(self.counts), "sampler": sampler}
 

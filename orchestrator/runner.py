@@ -9,6 +9,7 @@ or FAILED.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
@@ -20,10 +21,11 @@ from typing import Any, Callable
 
 import ray
 
-from actors.errors import SkdError
+from actors.errors import SkdError, TeachersLostError
 from actors.knowledge import KnowledgeSource
 from orchestrator import tracking
 from orchestrator.config import SkdConfig
+from orchestrator.control import run_interruptible, start_control
 from orchestrator.outputs import check_output, save_model
 from orchestrator.plan import RunPlan
 from orchestrator.spec import KnowledgeSpec, Optimisation, RunSettings, TrainTask, WorkerSpec
@@ -43,6 +45,7 @@ class RunResult:
         counts: examples served per teacher name (the whole run, resumed parts included).
         model_dir: the final `save_pretrained` folder; steps: the last step trained;
         checkpoint: folder of the latest Ray Train checkpoint (None: none).
+        interrupted: stopped by SIGINT/SIGTERM on the driver (status KILLED, resumable).
     """
 
     run_id: str
@@ -56,6 +59,7 @@ class RunResult:
     model_dir: Path | None = None
     steps: int = 0
     checkpoint: str | None = None
+    interrupted: bool = False
 
 
 def _warn_on_failure(client, run_id: str, what: str, action: Callable[[], Any]) -> None:
@@ -162,11 +166,16 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
     Returns:
         `RunResult`.
 
+    The first SIGINT/SIGTERM (in the main thread) stops the workers at the next `log_every` boundary with a
+    checkpoint and flushed metrics (status KILLED, `interrupted`); a second raises KeyboardInterrupt at once
+    (status KILLED).
+
     Raises:
         SkdError: `resume` with no unfinished run to continue, or `model_out` exists and skd did not write it.
+        TeachersLostError: every teacher was lost; the run wrote a checkpoint and is marked FAILED.
         ray.train.TrainingFailedError (and others): training failed; the MLflow run is marked FAILED.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -175,21 +184,30 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
     uri = cfg.tracking_uri()
     client, exp_id = tracking.open_experiment(uri, cfg.experiment_name())
     run_id, ray_name = _open_run(cfg, client, exp_id, run_name, tags, params, resume, continue_run)
-    spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, tracking_uri=uri, run_id=run_id))
+    control = start_control()
+    spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, tracking_uri=uri, run_id=run_id,
+                                                             control=control))
     trainer = TorchTrainer(
         lambda config: train_loop(config["spec"]), train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": float(spec.run.threads)}),
         run_config=RunConfig(name=ray_name, storage_path=str(cfg.storage_path()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              logging_config=LoggingConfig(log_level="ERROR"),
                              callbacks=[TuneReportCallback()] if report_to_tune else None))
     status = "FAILED"
     started = time.perf_counter()
     try:
-        result = trainer.fit()
+        result, interrupted = run_interruptible(trainer.fit, control)
         names = spec.knowledge.names if spec.knowledge is not None else []
         out = _summary(run_id, run_name, result, names, time.perf_counter() - started)
+        out.interrupted = interrupted
+        lost = (result.metrics or {}).get("teachers_lost")
+        if lost:
+            raise TeachersLostError(f"{lost}. The run stopped with a checkpoint after step {out.steps} (MLflow run "
+                                    f"{run_id}, marked FAILED); once the teachers can run again, continue it with "
+                                    f"--resume")
         if out.status == "FINISHED" and result.checkpoint is not None:
             with result.checkpoint.as_directory() as ckpt:
                 save_model(Path(ckpt) / "model", model_out)
@@ -204,5 +222,14 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
             _warn_on_failure(client, run_id, "plots", plots)
         status = out.status
         return out
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, resumable from the last checkpoint
+        status = "KILLED"
+        raise
     finally:
-        client.set_terminated(run_id, status)
+        try:
+            client.set_terminated(run_id, status)
+        except Exception as exc:  # noqa: BLE001  (never hide the run's own outcome or error)
+            print(f"[skd] warning: could not mark MLflow run {run_id} {status} ({exc!r}); it shows RUNNING "
+                  f"until the store is reachable and the run is resumed or ended", flush=True)
+        with contextlib.suppress(Exception):  # Ray may already be going down (second Ctrl-C)
+            ray.kill(control)

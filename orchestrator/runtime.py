@@ -51,7 +51,8 @@ def free_port() -> int:
 
 
 def start_local_ray(num_cpus: int | None, *, dashboard: bool = True, log_to_driver: bool = True) -> str:
-    """Start a local Ray cluster on 127.0.0.1 (token auth off) whose workers know its address.
+    """Start a new local Ray cluster on 127.0.0.1 (token auth off) whose workers know its address, even
+    when another Ray runs on this machine (`address="local"`: never attach to a cluster found by chance).
 
     Ray Train V2 removes the placement group of a controller that died (a Tune trial stopped by ASHA or
     PBT) from a detached cleaner actor that finds the cluster through Ray's state API. Without an address
@@ -75,7 +76,7 @@ def start_local_ray(num_cpus: int | None, *, dashboard: bool = True, log_to_driv
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = address.split(":")[1]
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
                  runtime_env={"env_vars": {"RAY_ADDRESS": address}})
     finally:  # the next cluster this process starts picks its own port

@@ -130,9 +130,25 @@ class TeacherSampler:
         self.probs = p / p.sum()
         self._rng = np.random.Generator(np.random.PCG64(seed))
 
-    def draw(self) -> int:
-        """The next teacher index in [0, N)."""
-        return int(self._rng.choice(len(self.probs), p=self.probs))
+    def draw(self, among: Sequence[int] | None = None) -> int:
+        """The next teacher index in [0, N), drawn from p, or from p restricted to the teachers `among` and
+        renormalised (teachers lost during a run); the generator advances the same way either way.
+
+        Raises:
+            ValueError: `among` gives every remaining teacher zero probability.
+        """
+        p = self.probs
+        if among is not None and len(among) < len(p):
+            q = np.zeros_like(p)
+            q[list(among)] = p[list(among)]
+            if q.sum() <= 0:
+                raise ValueError(f"no probability left on teachers {list(among)}")
+            p = q / q.sum()
+        return int(self._rng.choice(len(p), p=p))
+
+    def mass(self, among: Sequence[int]) -> float:
+        """Probability of the teachers `among` under p (0: none of them is ever drawn)."""
+        return float(self.probs[list(among)].sum()) if len(among) else 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable generator state (for checkpoints)."""

@@ -24,7 +24,10 @@ def start_pool(plan: RunPlan, resources: Resources, active: list[int], wait: boo
     print(f"[skd] starting {len(active)} teacher actor(s): {names}", flush=True)
     return TeacherPool.start(plan.teachers, active, num_cpus=resources.teacher_cpus, num_gpus=resources.teacher_gpus,
                              threads=resources.teacher_threads, regression=plan.inputs.spec.is_regression,
-                             plan=resources.placement, attn_implementation=resources.attn_implementation, wait=wait)
+                             plan=resources.placement, attn_implementation=resources.attn_implementation, wait=wait,
+                             max_restarts=plan.cfg.teachers.max_restarts,
+                             max_task_retries=plan.cfg.teachers.max_task_retries,
+                             timeout_s=plan.cfg.teachers.knowledge_timeout_s)
 
 
 @contextlib.contextmanager

@@ -87,6 +87,7 @@ class RunSettings:
         resume_from: an explicit checkpoint folder to start from when Ray Train has none.
         best_teacher_metric: for retention (None: not reported).
         tracking_uri / run_id: the MLflow run the driver opened (filled by `runner.run_training`).
+        control: the driver's `orchestrator.control.RunControl` actor (stop on Ctrl-C); None: no control.
     """
 
     steps: StepPlan
@@ -100,6 +101,7 @@ class RunSettings:
     best_teacher_metric: float | None = None
     tracking_uri: str = ""
     run_id: str = ""
+    control: Any = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from orchestrator.config import SkdConfig, TeacherMember, flatten
 from orchestrator.data import Inputs, prepare_inputs
 from orchestrator.plan import StepPlan, student_gpus
 from orchestrator.runner import run_training
+from orchestrator import tracking
 from orchestrator.runtime import ray_session
 from orchestrator.spec import Optimisation, RunSettings, TrainTask, WorkerSpec
 from orchestrator.trainer import evaluate
@@ -93,6 +94,7 @@ def prepare_teachers(cfg: SkdConfig, force: bool = False) -> list[TeacherInfo]:
         else:
             todo.append(m)
     if todo:
+        tracking.check_store(cfg.tracking_uri())  # before Ray
         with ray_session(cfg.ray):
             cluster = ray.cluster_resources()
             threads = int(cfg.teachers.finetune.cpus_per_worker or max(1, cluster.get("CPU", 1)))

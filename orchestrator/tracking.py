@@ -7,6 +7,7 @@ learning curves.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -34,9 +35,46 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path | None =
     return client.create_experiment(name, artifact_location=location)
 
 
+def check_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast when the tracking store cannot be reached (before any Ray resource is taken).
+
+    An http(s) store must answer its `/health` endpoint within `timeout_s` seconds; a sqlite store's folder
+    must exist.
+
+    Raises:
+        SkdError: naming `mlflow.tracking_uri` and the fix.
+    """
+    from actors.errors import SkdError
+
+    if tracking_uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as answer:
+                if answer.status == 200:
+                    return
+                problem = f"HTTP {answer.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            problem = str(getattr(exc, "reason", exc))
+        raise SkdError(f"mlflow.tracking_uri {tracking_uri}: the MLflow tracking server does not answer "
+                       f"({problem}); start it (e.g. mlflow server --host 127.0.0.1 --port 5000) or point "
+                       f"mlflow.tracking_uri at a running one (or sqlite:///mlflow.db)")
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise SkdError(f"mlflow.tracking_uri {tracking_uri}: the folder {folder} does not exist; create it or "
+                           f"choose another database path")
+
+
 def open_experiment(tracking_uri: str, name: str) -> tuple[MlflowClient, str]:
     """(client, experiment id) of experiment `name` in the store, created if absent (artifacts beside a
-    sqlite database go to `default_artifact_root`). The one place commands set up MLflow."""
+    sqlite database go to `default_artifact_root`). The one place commands set up MLflow.
+
+    Raises:
+        SkdError: the store is unreachable (`check_store`).
+    """
+    check_store(tracking_uri)
     return MlflowClient(tracking_uri), ensure_experiment(tracking_uri, name, default_artifact_root(tracking_uri))
 
 
@@ -57,11 +95,30 @@ def code_version() -> str:
         return "unknown"
 
 
+SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|credential)", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^/@:\s]+:)[^@/\s]+@", re.IGNORECASE)
+QUERY_SECRET = re.compile(r"([?&][^=&\s]*(?:token|password|secret|key|signature)[^=&\s]*=)[^&\s]+", re.IGNORECASE)
+
+
+def redact(params: dict[str, str]) -> dict[str, str]:
+    """Params with secrets masked as `***`: values of keys that name a secret (token, password, secret,
+    api key, credential), passwords inside URLs (`https://user:***@host`) and secret query parameters
+    (`?token=***`), so tracking credentials never reach MLflow."""
+    out = {}
+    for key, value in params.items():
+        if SECRET_KEY.search(key.rsplit(".", 1)[-1]) and value not in ("None", ""):
+            out[key] = "***"
+        else:
+            out[key] = QUERY_SECRET.sub(r"\1***", URL_PASSWORD.sub(r"\1***@", value))
+    return out
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
-    """Log params in batches of 100 (MLflow's limit), values clipped to MLflow's length limit."""
+    """Log params (secrets masked by `redact`) in batches of 100 (MLflow's limit), values clipped to
+    MLflow's length limit."""
     from mlflow.entities import Param
 
-    items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
+    items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in redact(params).items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i: i + 100])
 
@@ -73,33 +130,152 @@ def log_metrics(client: MlflowClient, run_id: str, values: dict[str, float], ste
 
 
 class MetricLogger:
-    """Batched metric logging into an existing run; a no-op on ranks other than 0.
+    """Metric and tag logging into an existing run from a training worker (rank 0; a no-op elsewhere) that
+    survives a tracking-store outage: nothing is lost and training never waits for MLflow.
+
+    `flush()` hands the buffer to one background sender and returns at once. A batch the store refuses
+    (server down, network gone) stays buffered and is sent again every `retry_s` seconds; more than
+    `max_buffered` values in memory spill, oldest first, to a JSON-lines file (`spill_path`) that is
+    replayed first when the store is back and removed once sent (metrics carry their own step and
+    timestamp, so the order of sending does not matter). `close()` waits up to `drain_s`
+    seconds for the rest. MLflow's own asynchronous logging (`log_batch(..., synchronous=False)`) is not
+    used: it drops a batch whose request failed (the error lands on the batch's future), so an outage loses
+    metrics.
 
     Args:
-        tracking_uri: MLflow tracking URI.
-        run_id: the run the driver opened.
+        tracking_uri: MLflow tracking URI; run_id: the run the driver opened.
         enabled: False on non-zero ranks.
+        max_buffered: metric/tag values kept in memory before spilling to `spill_path`.
+        spill_path: the spill file (default: skd-metrics-<run_id>.jsonl in the temp folder).
+        retry_s: seconds between attempts while the store is down; drain_s: how long `close` waits.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.run_id = run_id
-        self._client = MlflowClient(tracking_uri) if enabled else None
-        self._buffer: list[Metric] = []
+    def __init__(self, tracking_uri: str, run_id: str, enabled: bool = True, *, max_buffered: int = 50_000,
+                 spill_path: Path | None = None, retry_s: float = 5.0, drain_s: float = 300.0) -> None:
+        import tempfile
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.enabled, self.run_id = enabled, run_id
+        self.max_buffered, self.retry_s, self.drain_s = max_buffered, retry_s, drain_s
+        self.spill_path = spill_path or Path(tempfile.gettempdir()) / f"skd-metrics-{run_id}.jsonl"
+        self._buffer: list = []  # Metric and RunTag, in logging order
+        self._spilled = 0  # values in the spill file, all older than the buffer
+        self._inflight = None  # (future, items, from_spill)
+        self._down_since: float | None = None
+        self._last_try = 0.0
+        if enabled:  # our own retries: each request fails fast while the store is down
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            self._client = MlflowClient(tracking_uri)
+            self._sender = ThreadPoolExecutor(1, thread_name_prefix="skd-mlflow")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Queue metrics for `step` (flushed by `flush`, at most 1000 per MLflow batch)."""
-        if not self.enabled:
-            return
-        now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        """Queue metrics for `step` (sent by `flush`)."""
+        if self.enabled:
+            now = int(time.time() * 1000)
+            self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+
+    def set_tag(self, key: str, value: str) -> None:
+        """Queue a run tag (sent by `flush`, in order with the metrics)."""
+        if self.enabled:
+            from mlflow.entities import RunTag
+
+            self._buffer.append(RunTag(key, value[:5000]))
+
+    @property
+    def pending(self) -> int:
+        """Values not yet in the store (memory, spill file and the batch in flight)."""
+        return len(self._buffer) + self._spilled + (len(self._inflight[1]) if self._inflight else 0)
 
     def flush(self) -> None:
-        if not self.enabled or not self._buffer:
+        """Collect the last send's outcome and start the next (never blocks on the store)."""
+        if not self.enabled:
             return
-        for i in range(0, len(self._buffer), 1000):
-            self._client.log_batch(self.run_id, metrics=self._buffer[i: i + 1000])
-        self._buffer = []
+        self._collect(block=False)
+        if len(self._buffer) > self.max_buffered:
+            self._spill(self._buffer[: len(self._buffer) - self.max_buffered // 2])
+            self._buffer = self._buffer[len(self._buffer) - self.max_buffered // 2:]
+        if self._inflight is None and (self._buffer or self._spilled) and \
+                (self._down_since is None or time.monotonic() - self._last_try >= self.retry_s):
+            from_spill = self._spilled > 0
+            items = self._read_spill() if from_spill else self._buffer
+            if not from_spill:
+                self._buffer = []
+            self._last_try = time.monotonic()
+            self._inflight = (self._sender.submit(self._send, items), items, from_spill)
+
+    def _send(self, items: list) -> None:
+        from mlflow.entities import RunTag
+
+        for i in range(0, len(items), 1000):  # MLflow's batch limit
+            chunk = items[i: i + 1000]
+            self._client.log_batch(self.run_id, metrics=[m for m in chunk if isinstance(m, Metric)],
+                                   tags=[t for t in chunk if isinstance(t, RunTag)])
+
+    def _collect(self, block: bool) -> None:
+        """Take the in-flight batch's outcome: done (drop it; a replayed spill file is removed) or failed
+        (back to the front of the queue)."""
+        if self._inflight is None or (not block and not self._inflight[0].done()):
+            return
+        future, items, from_spill = self._inflight
+        self._inflight = None
+        try:
+            future.result()
+        except Exception as exc:  # noqa: BLE001  (any store failure: keep the values, try again later)
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                print(f"[skd] warning: MLflow store unreachable ({type(exc).__name__}); training goes on, "
+                      f"metrics are kept and sent when it is back", flush=True)
+            if not from_spill:
+                self._buffer = items + self._buffer
+            return
+        if from_spill:  # drop the replayed rows; rows spilled meanwhile stay for the next send
+            rest = self.spill_path.read_text().splitlines(keepends=True)[len(items):]
+            if rest:
+                self.spill_path.write_text("".join(rest))
+            else:
+                self.spill_path.unlink(missing_ok=True)
+            self._spilled = len(rest)
+        if self._down_since is not None:
+            print(f"[skd] MLflow store back after {time.monotonic() - self._down_since:.0f} s; sending the "
+                  f"{self.pending} kept values", flush=True)
+            self._down_since = None
+
+    def _spill(self, items: list) -> None:
+        import json
+
+        with open(self.spill_path, "a") as f:
+            for m in items:
+                row = {"k": m.key, "v": m.value, "t": m.timestamp, "s": m.step} if isinstance(m, Metric) else \
+                    {"tag": m.key, "value": m.value}
+                f.write(json.dumps(row) + "\n")
+        self._spilled += len(items)
+
+    def _read_spill(self) -> list:
+        import json
+
+        from mlflow.entities import RunTag
+
+        rows = [json.loads(line) for line in self.spill_path.read_text().splitlines() if line]
+        return [Metric(r["k"], r["v"], r["t"], r["s"]) if "k" in r else RunTag(r["tag"], r["value"]) for r in rows]
+
+    def close(self) -> None:
+        """Send everything left, waiting up to `drain_s` seconds for the store; what cannot be sent stays in
+        the spill file, whose path is printed."""
+        if not self.enabled:
+            return
+        deadline = time.monotonic() + self.drain_s
+        while self.pending and time.monotonic() < deadline:
+            self.flush()
+            self._collect(block=True)
+            if self.pending and self._down_since is not None:
+                time.sleep(min(self.retry_s, max(0.0, deadline - time.monotonic())))
+        if self.pending:
+            self._spill(self._buffer)
+            self._buffer = []
+            print(f"[skd] warning: MLflow store still unreachable; {self._spilled} metric values kept in "
+                  f"{self.spill_path}", flush=True)
+        self._sender.shutdown(wait=False)
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:

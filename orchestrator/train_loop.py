@@ -22,8 +22,10 @@ import ray
 import ray.train
 import torch
 
+from actors.errors import TeachersLostError
 from actors.knowledge import Knowledge
 from orchestrator.data import StepBatches
+from orchestrator.control import StopPoller
 from orchestrator.feed import KnowledgeFeed
 from orchestrator.spec import WorkerSpec
 from orchestrator.trainer import StudentTrainer
@@ -57,11 +59,23 @@ class DistillRecipe:
         kn = spec.knowledge
         self.feed = KnowledgeFeed(None, self.batches, self.world, run.steps.total) if kn is None else KnowledgeFeed(
             kn.source, self.batches, self.world, run.steps.total, kn.strategy, kn.probs, spec.optim.seed,
-            kn.plan.request, kn.plan.schedule, kn.plan.ir_fraction, kn.prefetch)
+            kn.plan.request, kn.plan.schedule, kn.plan.ir_fraction, kn.prefetch,
+            agree=self._agree if self.world > 1 else None)
         self.names = kn.names if kn is not None else []
         self.start = self._resume()
         self.trainer.prepare()
         self.logger = MetricLogger(run.tracking_uri, run.run_id, enabled=self.rank == 0)
+        self.stop = StopPoller(run.control)
+
+    def _agree(self, lost: list[int]) -> list[int]:
+        """The union over data-parallel ranks of the teachers each found lost at this step (an all-reduce
+        of an [N] flag vector over the worker group's process group; every rank calls it every step)."""
+        import torch.distributed as dist
+
+        flags = torch.zeros(len(self.names), dtype=torch.int32)
+        flags[lost] = 1
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return torch.nonzero(flags).flatten().tolist()
 
     def _resume(self) -> int:
         """The first step to train: 0, or the step of Ray Train's latest (else the explicit) checkpoint."""
@@ -87,20 +101,54 @@ class DistillRecipe:
             torch.manual_seed(self.spec.optim.seed * 1_000_003 + step)  # dropout depends on the step only: exact resume
             batch, stage = self.batches(step), self.feed.stage(step)
             out = self.trainer.forward(batch, stage)  # while the teacher computes this step's knowledge
-            knowledge = self.feed.next_knowledge(step)  # waits for it, then sends step+1's request
+            try:
+                knowledge = self.feed.next_knowledge(step)  # waits for it, then sends step+1's request
+            except TeachersLostError as exc:  # every rank at the same step: checkpoint, tell the driver, end
+                self._log_losses(step)
+                self._report(step, checkpoint=True, extra={"teachers_lost": str(exc)})
+                return
+            self._log_losses(step)
             terms = self.trainer.update(batch, out, knowledge, stage)
             done = step + 1
             self.samples += len(batch["ids"]) * self.world
             self._log(done, terms, knowledge, len(batch["ids"]) * self.world)
-            stopping = run.stop_after is not None and run.stop_after <= done < run.steps.total
+            asked = run.stop_after is not None and run.stop_after <= done < run.steps.total
+            stopping = asked or (done < run.steps.total and self._interrupted(done))
             if done in run.steps.evals or done in run.steps.checkpoints or stopping:
                 self._report(done, checkpoint=done in run.steps.checkpoints or stopping)
             elif run.gsnr_every and done % run.gsnr_every == 0:
                 self._probe_gsnr(done)
             if stopping:
                 if self.rank == 0:
-                    print(f"[skd] stopped after step {done} as asked; continue with --resume", flush=True)
+                    why = "as asked" if asked else "on the driver's interrupt"
+                    print(f"[skd] stopped after step {done} {why}, with a checkpoint; continue with --resume",
+                          flush=True)
                 return
+
+    def _interrupted(self, step: int) -> bool:
+        """Whether the driver asked to stop (checked every `log_every` steps; all ranks agree, by an
+        all-reduce, so they report the same final step)."""
+        if self.stop.control is None or step % self.spec.run.log_every:
+            return False
+        stop = self.stop.poll()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(stop)], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    def _log_losses(self, step: int) -> None:
+        """Teachers lost at this 0-based step: a progress line, the `teachers/alive` metric and one run tag
+        per teacher (`skd.teacher_lost.<name>` = "step S: reason"), from rank 0."""
+        for lost_at, k, reason in self.feed.drain_events():
+            if self.rank == 0:
+                left = ", ".join(self.names[i] for i in self.feed.live())
+                print(f"[skd] teacher {self.names[k]} lost at step {lost_at + 1} ({reason}); going on with {left}",
+                      flush=True)
+                self.logger.log({"teachers/alive": len(self.feed.live())}, lost_at)
+                self.logger.set_tag(f"skd.teacher_lost.{self.names[k]}", f"step {lost_at + 1}: {reason}")
 
     def _log(self, step: int, terms: dict[str, torch.Tensor], knowledge: Knowledge | None, served: int) -> None:
         """Per-step metrics (buffered); every `log_every` steps the window's rate, counts and a progress line."""
@@ -116,8 +164,8 @@ class DistillRecipe:
             return
         elapsed = time.perf_counter() - start
         rate = (n + served) / max(elapsed, 1e-9)
-        self.logger.log({"train/samples_per_s": rate,
-                         **self._teacher_samples()}, step)
+        self.logger.log({"train/samples_per_s": rate, **self._teacher_samples(),
+                         **({"teachers/alive": len(self.feed.live())} if self.names else {})}, step)
         self.logger.flush()
         if self.rank == 0:
             eta = (total - step) * elapsed / max(1, (n + served) / served)
@@ -130,16 +178,16 @@ class DistillRecipe:
         """{"teacher_samples/<name>": examples that teacher served so far (global, the whole run)}."""
         return {f"teacher_samples/{name}": c for name, c in zip(self.names, self.feed.counts)}
 
-    def _report(self, step: int, checkpoint: bool) -> None:
+    def _report(self, step: int, checkpoint: bool, extra: dict | None = None) -> None:
         """Evaluate (at evaluation steps), probe GSNR when due, and report to Ray Train on every rank, with a
         checkpoint from rank 0 when `checkpoint`. The report carries counts and throughput (the driver's
-        summary comes from the last one)."""
+        summary comes from the last one), and `extra` (e.g. why the run stops)."""
         run = self.spec.run
         seconds = time.perf_counter() - self.started
         metrics: dict[str, float] = {"step": step, "finished": float(step >= run.steps.total),  # not "done": Tune's
                                      "wall_s": seconds, "samples": self.samples,
                                      "samples_per_s": self.samples / max(seconds, 1e-9),
-                                     **self._teacher_samples()}
+                                     **self._teacher_samples(), **(extra or {})}
         if step in run.steps.evals and self.rank == 0:
             dev = {f"dev/{k}": v for k, v in self.trainer.evaluate(self.dev_data, run.eval_batch_size).items()}
             if run.best_teacher_metric:
@@ -170,13 +218,15 @@ class DistillRecipe:
         self.logger.log({**stats, "gsnr/seconds": time.perf_counter() - t0}, step)
 
     def cleanup(self) -> None:
-        """Flush buffered metrics."""
-        self.logger.flush()
+        """Send every buffered metric (waiting for a tracking store that is down, see `MetricLogger.close`)."""
+        self.logger.close()
 
 
 def train_loop(spec: WorkerSpec) -> None:
     """Ray Train worker entry point: set up, train, clean up (see the module docstring)."""
     recipe = DistillRecipe(spec)
     recipe.setup()
-    recipe.train()
-    recipe.cleanup()
+    try:
+        recipe.train()
+    finally:  # the metrics of the steps trained reach MLflow even when a step fails
+        recipe.cleanup()

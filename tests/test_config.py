@@ -92,3 +92,22 @@ def test_a_folder_skd_did_not_create_is_refused_before_ray(tmp_path, make_config
     assert (theirs / "thesis.tex").read_text() == "do not delete"
     (theirs / OWNED_MARK).write_text("")
     assert make_plan(cfg).student_dir == theirs
+
+
+def test_secrets_never_reach_logged_params(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    params = {"mlflow.tracking_uri": "https://alice:s3cret@mlflow.example.com/api?token=abc123&x=1",
+              "ray.address": "ray://10.0.0.1:10001", "deploy.api_key": "sk-123", "auth.password": "hunter2",
+              "distill.alpha": "0.5", "mlflow.token": "None"}
+    want = {"mlflow.tracking_uri": "https://alice:***@mlflow.example.com/api?token=***&x=1",
+            "ray.address": "ray://10.0.0.1:10001", "deploy.api_key": "***", "auth.password": "***",
+            "distill.alpha": "0.5", "mlflow.token": "None"}
+    assert tracking.redact(params) == want
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    run = client.create_run(client.create_experiment("secrets")).info.run_id
+    tracking.log_params(client, run, params)  # what every skd run logs goes through here
+    logged = client.get_run(run).data.params
+    assert logged == want and not any(s in v for v in logged.values() for s in ("s3cret", "abc123", "sk-123"))

@@ -108,3 +108,99 @@ def test_stages_subset_the_request_per_step():
     layers = [c[3].student_layers for c in source.calls]
     assert layers == [(1,), (1,), (2,), (2,), (), (), (), ()]  # IR phase layer by layer, then soft labels
     assert all(c[3].outputs == ("logits",) for c in source.calls[4:])
+
+
+def test_a_lost_teacher_is_dropped_and_p_renormalised_over_the_rest():
+    source = FakeSource(3)
+    f = feed(source)
+    served = [f.next_knowledge(s).teacher for s in range(5)]  # step 5 is already asked (prefetch)
+    source.dead.add(0)
+    served += [f.next_knowledge(s).teacher for s in range(5, 12)]
+    ref, lost_at, want = TeacherSampler(PROBS, 7), None, []
+    for s in range(12):
+        t = ref.draw([1, 2] if lost_at is not None else None)
+        if t == 0 and s >= 6 and lost_at is None:  # the first draw of teacher 0 after its death
+            lost_at, t = s, ref.draw([1, 2])  # the step is drawn again among the live teachers
+        want.append(t)
+    assert lost_at is not None and served == want
+    assert f.live() == [1, 2] and f.lost == {0: (lost_at, "killed by the test")}
+    assert f.drain_events() == [(lost_at, 0, "killed by the test")] and f.drain_events() == []
+    assert f.counts[0] == 8 * served[:lost_at].count(0) and sum(f.counts) == 8 * 12  # every step served once
+
+
+class Union:
+    """`agree` for feeds in threads: the union of what each rank found at a step (a barrier per step)."""
+
+    def __init__(self, ranks: int) -> None:
+        import threading
+
+        self.found: set[int] = set()
+        self.lock = threading.Lock()
+        self.gather = threading.Barrier(ranks)
+        self.reset = threading.Barrier(ranks, action=self.found.clear)
+
+    def __call__(self, lost: list[int]) -> list[int]:
+        with self.lock:
+            self.found.update(lost)
+        self.gather.wait(timeout=10)
+        union = sorted(self.found)
+        self.reset.wait(timeout=10)
+        return union
+
+
+def test_ranks_drop_the_same_teacher_at_the_same_step_when_only_one_saw_it_die():
+    from concurrent.futures import ThreadPoolExecutor
+
+    agree = Union(2)
+    sources = [FakeSource(3), FakeSource(3)]
+    sources[1].dead.add(0)  # rank 0's calls to teacher 0 still succeed; rank 1's fail
+    feeds = [feed(src, agree=agree) for src in sources]
+    with ThreadPoolExecutor(2) as pool:
+        served = list(pool.map(lambda f: [f.next_knowledge(s).teacher for s in range(12)], feeds))
+    assert served[0] == served[1] and 0 not in served[0]
+    assert feeds[0].lost.keys() == feeds[1].lost.keys() == {0}
+    assert feeds[0].lost[0][0] == feeds[1].lost[0][0]  # the same step on both ranks
+    assert feeds[0].lost[0][1] == "lost on another data-parallel worker" and feeds[0].counts == feeds[1].counts
+
+
+def test_average_goes_on_over_the_live_teachers():
+    source = FakeSource(3)
+    f = feed(source, strategy="average", probs=None)
+    f.next_knowledge(0)
+    source.dead.add(2)
+    f.next_knowledge(1)  # step 2 was asked of all three; it is asked again of teachers 0 and 1
+    k = f.next_knowledge(2)
+    assert k.teacher == -1 and np.allclose(k.logits, 1.5)  # mean of 1 and 2
+    assert f.counts == [24, 24, 16] and f.live() == [0, 1]
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_no_teacher_left_raises_with_the_state_to_resume_from(prefetch):
+    from actors.errors import TeachersLostError
+
+    full = feed(FakeSource(2), probs=[0.6, 0.4], prefetch=prefetch)
+    want = [full.next_knowledge(s).teacher for s in range(12)]
+    source = FakeSource(2)
+    f = feed(source, probs=[0.6, 0.4], prefetch=prefetch)
+    got = [f.next_knowledge(s).teacher for s in range(4)]
+    source.dead.update({0, 1})
+    with pytest.raises(TeachersLostError, match=r"t0 at step \d+ \(killed by the test\); t1 at step"):
+        for s in range(4, 12):
+            got.append(f.next_knowledge(s).teacher)
+    stopped = len(got)  # the step that found no teacher is not trained
+    resumed = feed(FakeSource(2), probs=[0.6, 0.4], prefetch=prefetch)
+    resumed.load_state_dict(f.state_dict())
+    got += [resumed.next_knowledge(s).teacher for s in range(stopped, 12)]
+    assert got == want  # a resumed run (teachers back) draws what the uninterrupted run drew
+
+
+def test_teachers_left_with_zero_probability_count_as_none_left():
+    from actors.errors import TeachersLostError
+
+    source = FakeSource(3)
+    f = feed(source, probs=[1.0, 0.0, 0.0])  # e.g. single:t0
+    f.next_knowledge(0)
+    source.dead.add(0)
+    with pytest.raises(TeachersLostError, match="have sampling probability 0"):
+        f.next_knowledge(1)
+        f.next_knowledge(2)

@@ -69,8 +69,16 @@ def runs(config: Annotated[Optional[Path], typer.Option("-c", "--config", help="
         fail(exc)
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM as Ctrl-C: clean-up runs (MLflow run ended KILLED, teachers and local Ray released)."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console entry point (`skd`)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="skd")
 
 

@@ -376,15 +376,15 @@ class CacheReader:
         outputs, pos = tuple(getattr(request, "outputs", ("logits",))), self._positions(request)
         return CachedKnowledge(lambda: self.cache.knowledge(k, ids, length, outputs, pos), k)
 
-    def submit_average(self, batch: TokenBatch,
-                       request: KnowledgeRequest = KnowledgeRequest()) -> CachedKnowledge:
-        """All cached teachers' logits averaged (float32 [B, C]), teacher = -1; other outputs are not averaged
+    def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest(),
+                       teachers: list[int] | None = None) -> CachedKnowledge:
+        """The cached logits of `teachers` (default: all) averaged (float32 [B, C]), teacher = -1; other outputs are not averaged
         (`actors.knowledge.average_logits`; wait_s = the read time in seconds, compute_s = 0)."""
         ids, length = self._check(batch)
 
         def read() -> Knowledge:
             start = time.perf_counter()
-            parts = [self.cache.knowledge(t, ids, length, ("logits",)) for t in self.live()]  # [B, C] each
+            parts = [self.cache.knowledge(t, ids, length, ("logits",)) for t in (self.live() if teachers is None else teachers)]  # [B, C] each
             return average_logits(parts, time.perf_counter() - start)
 
         return CachedKnowledge(read, -1)

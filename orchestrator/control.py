@@ -1,0 +1,112 @@
+"""Stopping a run cleanly from the driver: Ctrl-C (SIGINT) or SIGTERM asks the student workers to stop at
+the next step boundary where they flush their metric buffer, so the run ends with a checkpoint, every
+trained step's metrics in MLflow, the MLflow run KILLED and a `--resume` command printed.
+
+The driver owns a small `RunControl` actor; workers poll it without blocking (`StopPoller`) every
+`log_every` steps, and the data-parallel ranks agree on the step to stop at (an all-reduce), since a
+report with a checkpoint is collective. A second signal stops at once (KeyboardInterrupt on the driver).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Callable, Iterator, TypeVar
+
+import ray
+
+
+class RunControl:
+    """The driver's stop flag, as a Ray actor (no CPU): `stop()` sets it, `stopping()` reads it."""
+
+    def __init__(self) -> None:
+        self._stop = False
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def stopping(self) -> bool:
+        return self._stop
+
+
+def start_control() -> ray.actor.ActorHandle:
+    """A new `RunControl` actor for one run (it dies with the driver's job)."""
+    return ray.remote(RunControl).options(num_cpus=0).remote()
+
+
+class StopPoller:
+    """Non-blocking reads of a `RunControl` on a worker: at most one call in flight; `poll()` returns True
+    once the driver asked to stop (False while the answer is still on its way)."""
+
+    def __init__(self, control: ray.actor.ActorHandle | None) -> None:
+        self.control, self._ref, self.stopped = control, None, False
+
+    def poll(self) -> bool:
+        if self.control is None or self.stopped:
+            return self.stopped
+        if self._ref is None:
+            self._ref = self.control.stopping.remote()
+        ready, _ = ray.wait([self._ref], timeout=0)
+        if ready:
+            self.stopped, self._ref = bool(ray.get(self._ref)), None
+        return self.stopped
+
+
+T = TypeVar("T")
+
+
+def run_interruptible(fit: Callable[[], T], control: ray.actor.ActorHandle) -> tuple[T, bool]:
+    """(fit(), whether SIGINT/SIGTERM asked the run to stop) with `graceful_interrupts` in force.
+
+    From the main thread, `fit` (Ray Train's `trainer.fit`) runs in a daemon thread while this thread waits
+    and handles signals: Ray Train V2 installs its own SIGINT handler when `fit` runs in the main thread,
+    which aborts the workers without letting them flush or checkpoint.
+
+    Raises:
+        KeyboardInterrupt: a second signal; what `fit` raised.
+    """
+    with graceful_interrupts(control) as state:
+        if threading.current_thread() is not threading.main_thread():
+            return fit(), False
+        box: dict = {}
+
+        def target() -> None:
+            try:
+                box["result"] = fit()
+            except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+                box["error"] = exc
+
+        thread = threading.Thread(target=target, name="skd-fit", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)  # short waits: signal handlers run in this thread between them
+        if "error" in box:
+            raise box["error"]
+        return box["result"], state["interrupted"]
+
+
+@contextlib.contextmanager
+def graceful_interrupts(control: ray.actor.ActorHandle) -> Iterator[dict[str, bool]]:
+    """Within the block, the first SIGINT or SIGTERM asks the workers to stop with a checkpoint
+    (`control.stop`); the second raises KeyboardInterrupt. Yields {"interrupted": bool}. Outside the main
+    thread (a Tune trial, a test thread) signals are left alone."""
+    state = {"interrupted": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, frame) -> None:
+        if state["interrupted"]:
+            raise KeyboardInterrupt
+        state["interrupted"] = True
+        print(f"\n[skd] {signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint "
+              f"(again to stop at once)", flush=True)
+        control.stop.remote()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

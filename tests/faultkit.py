@@ -1,0 +1,88 @@
+"""Fault injection on this machine, shared by the fault tests and `bench/faults.py`: a real `mlflow server`
+to stop and restart, Ray Train worker processes to kill, teachers to kill once they have served enough."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+
+def start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend and proxied artifacts under `root`), answering
+    its /health endpoint when this returns.
+
+    Raises:
+        RuntimeError: it did not come up within 120 s (the end of its log is in the message).
+    """
+    log = open(root / "server.log", "a")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM a server started here and wait for it."""
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def train_workers() -> list:
+    """Ray Train worker processes of a cluster this process started (its descendants), as psutil processes."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def when(condition: Callable[[], bool], running: Callable[[], bool], timeout_s: float = 600,
+         every_s: float = 0.02) -> bool:
+    """Poll until `condition()` holds (True) or `running()` stops or the timeout passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while running() and time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every_s)
+    return False
+
+
+def checkpoint_written(storage: Path, run_name: str) -> Callable[[], bool]:
+    """Whether the Ray Train run of MLflow run `run_name` has written a checkpoint under `storage`."""
+    return lambda: bool(list(Path(storage).glob(f"{run_name}-*/checkpoint_*")))
+
+
+def kill_workers() -> list[int]:
+    """SIGKILL every Ray Train worker process of this process's cluster; their pids."""
+    import signal
+
+    killed = []
+    for proc in train_workers():
+        proc.send_signal(signal.SIGKILL)
+        killed.append(proc.pid)
+    return killed
+
+
+def teacher_requests(pool) -> int:
+    """Knowledge requests the pool's live teachers have served so far."""
+    import ray
+
+    return sum(ray.get(a.stats.remote())["requests"] for a in pool.actors.values())

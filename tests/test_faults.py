@@ -1,0 +1,237 @@
+"""Faults on a real local Ray cluster with a real MLflow store and tiny random BERTs: teachers lost for
+good, a student worker killed, the driver interrupted. One module cluster (4 logical CPUs, so two student
+workers and two teachers fit on the 2-core machine); teachers are prepared once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from actors.errors import TeachersLostError
+from orchestrator import runtime
+from orchestrator.config_load import load_config
+from orchestrator.distill import run_distill
+from orchestrator.plan import make_plan
+from orchestrator.sources import start_pool
+from orchestrator.teachers import prepare_teachers
+from tests.conftest import tiny_raw
+from tests.faultkit import (checkpoint_written, kill_workers, start_mlflow_server, stop, teacher_requests,
+                            when)
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model, tmp_path_factory):
+    runtime.start_local_ray(4, dashboard=False, log_to_driver=False)
+    tmp = tmp_path_factory.mktemp("faults")
+
+    def cfg(*overrides: str):
+        return load_config(None, ["distill.log_every=5", *overrides], base=tiny_raw(tmp, tiny_model))
+
+    prepare_teachers(cfg())
+    yield {"cfg": cfg, "client": MlflowClient(cfg().tracking_uri()), "tmp": tmp}
+    ray.shutdown()
+
+
+def history(client, run_id, key):
+    """(step, value) of a metric, the last value logged per step (a restarted worker logs some steps twice)."""
+    last = {}
+    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
+        last[m.step] = m.value
+    return sorted(last.items())
+
+
+def shared_pool(cfg):
+    plan = make_plan(cfg)
+    resources = plan.resources(ray.cluster_resources(), len(plan.active))
+    return start_pool(plan, resources, plan.active)
+
+
+def test_a_teacher_lost_for_good_mid_run_is_dropped_on_every_rank_and_the_run_finishes(env):
+    cfg = env["cfg"]("distill.max_steps=60", "distill.eval_every=30", "ray.num_workers=2",
+                     "mlflow.run_name=teacher-lost")
+    pool = shared_pool(cfg)
+    result, killed_after = {}, []
+    worker = threading.Thread(target=lambda: result.update(out=run_distill(cfg, source=pool)))
+    worker.start()
+    try:  # once the run is well under way (2 ranks x 15 steps), kill t2 (index 1) for good
+        if when(lambda: teacher_requests(pool) >= 30, worker.is_alive, every_s=0.05):
+            killed_after.append(teacher_requests(pool))
+            ray.kill(pool.actors[1], no_restart=True)
+        worker.join(timeout=600)
+    finally:
+        pool.close()
+    out, client = result["out"], env["client"]
+    assert killed_after and out.status == "FINISHED" and out.steps == 60
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    tag = run.data.tags["skd.teacher_lost.t2"]
+    lost_step = int(tag.split(":")[0].removeprefix("step "))
+    assert killed_after[0] // 2 <= lost_step <= 60 and "ActorDiedError" in tag
+    teachers = history(client, out.run_id, "train/teacher")
+    assert [s for s, _ in teachers] == list(range(1, 61))
+    assert all(v == 0.0 for s, v in teachers if s >= lost_step)  # p renormalised onto t4 alone
+    assert any(v == 1.0 for s, v in teachers if s < lost_step)  # t2 did teach before
+    alive = history(client, out.run_id, "teachers/alive")
+    assert alive[0][1] == 2.0 and alive[-1][1] == 1.0
+    assert sum(out.counts.values()) == 60 * 16  # every step served once, 8 examples x 2 ranks
+
+
+def test_every_teacher_lost_checkpoints_fails_clearly_and_resume_finishes(env):
+    cfg = env["cfg"]("distill.max_steps=12", "distill.eval_every=6", "mlflow.run_name=all-lost")
+    pool = shared_pool(cfg)
+    for actor in pool.actors.values():
+        ray.kill(actor, no_restart=True)
+    with pytest.raises(TeachersLostError, match=r"t4 at step 1 .*t2 at step 1 .*checkpoint after step 0.*--resume"):
+        run_distill(cfg, source=pool)
+    client = env["client"]
+    failed = client.search_runs([client.get_experiment_by_name("skd-test").experiment_id],
+                                "tags.`mlflow.runName` = 'all-lost'")
+    assert [r.info.status for r in failed] == ["FAILED"]
+    assert failed[0].data.tags["skd.teacher_lost.t4"].startswith("step 1: ")
+    out = run_distill(cfg, resume=True)  # its own, new teachers
+    assert out.run_id == failed[0].info.run_id and out.status == "FINISHED" and out.steps == 12
+    assert sum(out.counts.values()) == 12 * 8
+
+
+def test_a_killed_student_worker_restarts_from_the_checkpoint_with_the_same_teacher_sequence(env):
+    steps = ("distill.max_steps=160", "distill.eval_every=80", "distill.checkpoint_every=20")
+    reference = run_distill(env["cfg"](*steps, "mlflow.run_name=worker-ref"))
+    cfg = env["cfg"](*steps, "mlflow.run_name=worker-killed", "ray.max_failures=1")
+    result, killed = {}, []
+    worker = threading.Thread(target=lambda: result.update(out=run_distill(cfg)))
+    worker.start()
+    if when(checkpoint_written(cfg.storage_path(), "worker-killed"), worker.is_alive):
+        killed = kill_workers()  # kill -9 the worker after its first checkpoint
+    worker.join(timeout=600)
+    out, client = result["out"], env["client"]
+    assert killed, "the worker process was not found before the run ended"
+    assert out.status == "FINISHED" and out.steps == 160 and out.counts == reference.counts
+    assert history(client, out.run_id, "train/teacher") == history(client, reference.run_id, "train/teacher")
+    assert client.get_run(out.run_id).info.status == "FINISHED"
+
+
+def test_ctrl_c_on_the_driver_ends_the_run_killed_with_a_checkpoint_and_resume_finishes_it(env, tmp_path):
+    """`skd distill` in its own process (its own local Ray); SIGINT after its first checkpoint."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    steps = ["distill.max_steps=160", "distill.eval_every=80", "distill.checkpoint_every=20"]
+    base = env["cfg"]()
+    config = tmp_path / "interrupt.yaml"
+    raw = json.loads(base.model_dump_json(exclude_none=True, exclude={"tune"}))
+    raw["ray"]["num_cpus"] = 2
+    config.write_text(yaml.safe_dump(raw))
+    sets = [a for s in [*steps, "mlflow.run_name=interrupted", "distill.log_every=5"] for a in ("--set", s)]
+    log = tmp_path / "skd.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "skd"), "distill", "-c", str(config), *sets],
+                                stdout=out, stderr=subprocess.STDOUT)
+        if when(checkpoint_written(base.storage_path(), "interrupted"), lambda: proc.poll() is None):
+            proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=300)
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert "SIGINT: stopping at the next step boundary" in text and "--resume" in text
+    client = env["client"]
+    exp = client.get_experiment_by_name("skd-test").experiment_id
+    [run] = client.search_runs([exp], "tags.`mlflow.runName` = 'interrupted'")
+    assert run.info.status == "KILLED"
+    losses = history(client, run.info.run_id, "train/loss")
+    import re
+
+    stopped = int(re.search(r"stopped after step (\d+) on the driver's interrupt", text).group(1))
+    assert 20 <= stopped < 160 and stopped % 5 == 0  # at a log_every boundary, after the first checkpoint
+    assert [s for s, _ in losses] == list(range(1, stopped + 1))  # every trained step's metrics were flushed
+    out = run_distill(env["cfg"](*steps, "mlflow.run_name=interrupted"), resume=True)
+    assert out.run_id == run.info.run_id and out.status == "FINISHED" and out.steps == 160
+    ref = client.search_runs([exp], "tags.`mlflow.runName` = 'worker-ref'")
+    if ref:  # the uninterrupted run of the same steps (from the worker test): the same teachers
+        assert history(client, out.run_id, "train/teacher") == history(client, ref[0].info.run_id, "train/teacher")
+
+
+def test_an_mlflow_server_outage_mid_run_loses_no_metric(env, tmp_path):
+    uri = f"http://127.0.0.1:{runtime.free_port()}"
+    port = int(uri.rsplit(":", 1)[1])
+    server = start_mlflow_server(port, tmp_path)
+    cfg = env["cfg"]("distill.max_steps=400", "distill.eval_every=200", f"mlflow.tracking_uri={uri}",
+                     "mlflow.experiment=skd-outage", "mlflow.run_name=outage")
+    client = MlflowClient(uri)
+    result, outage = {}, []
+    worker = threading.Thread(target=lambda: result.update(out=run_distill(cfg, register_as=None)))
+    worker.start()
+    try:
+        while worker.is_alive():  # stop the server once step 20's metrics are in, restart it 3 s later
+            exp = client.get_experiment_by_name("skd-outage")
+            found = exp and client.search_runs([exp.experiment_id], "tags.`mlflow.runName` = 'outage'")
+            if found and any(m.step >= 20 for m in client.get_metric_history(found[0].info.run_id, "train/loss")):
+                stop(server)
+                outage.append(time.time())
+                time.sleep(3)
+                server = start_mlflow_server(port, tmp_path)
+                outage.append(time.time())
+                break
+            time.sleep(0.2)
+        worker.join(timeout=900)
+    finally:
+        stop(server)
+    server = start_mlflow_server(port, tmp_path)  # read back what the store holds at the end
+    try:
+        out = result["out"]
+        assert outage and out.status == "FINISHED" and out.steps == 400
+        assert client.get_run(out.run_id).info.status == "FINISHED"
+        losses = client.get_metric_history(out.run_id, "train/loss")
+        assert {m.step for m in losses} == set(range(1, 401))  # every step's metric reached the store
+        assert {m.step for m in client.get_metric_history(out.run_id, "train/teacher")} == set(range(1, 401))
+        trained_meanwhile = [m for m in losses if outage[0] * 1000 < m.timestamp < outage[1] * 1000]
+        assert trained_meanwhile  # training went on while the store was down
+    finally:
+        stop(server)
+
+
+def test_an_unreachable_tracking_server_is_a_clear_error_before_any_actor_starts(env):
+    from actors.errors import SkdError
+
+    uri = f"http://127.0.0.1:{runtime.free_port()}"  # nothing listens there
+    before = ray.available_resources().get("CPU")
+    with pytest.raises(SkdError, match=r"mlflow.tracking_uri http://127.0.0.1:\d+: the MLflow tracking server "
+                                       r"does not answer .*mlflow server --host 127.0.0.1"):
+        run_distill(env["cfg"](f"mlflow.tracking_uri={uri}", "mlflow.run_name=no-store"))
+    assert ray.available_resources().get("CPU") == before  # no teacher actor or worker was started
+
+
+def test_metric_logger_spills_past_its_bound_while_the_store_is_down_and_replays_in_order(tmp_path):
+    from orchestrator.tracking import MetricLogger
+
+    port = runtime.free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(port, tmp_path)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("spill")).info.run_id
+    stop(server)
+    spill = tmp_path / "spill.jsonl"
+    logger = MetricLogger(uri, run_id, max_buffered=20, spill_path=spill, retry_s=0.2, drain_s=120)
+    for step in range(1, 61):  # 60 steps x 2 values while the store is down
+        logger.log({"train/loss": 1.0 / step, "train/teacher": step % 2}, step)
+        if step == 30:
+            logger.set_tag("skd.teacher_lost.t2", "step 30: test")
+        logger.flush()
+        time.sleep(0.02)
+    assert spill.is_file() and logger.pending == 121  # bounded memory: the oldest values went to the file
+    server = start_mlflow_server(port, tmp_path)
+    try:
+        logger.close()
+        assert logger.pending == 0 and not spill.exists()  # all sent, the spill file removed
+        losses = client.get_metric_history(run_id, "train/loss")
+        assert sorted(m.step for m in losses) == list(range(1, 61))
+        assert client.get_run(run_id).data.tags["skd.teacher_lost.t2"] == "step 30: test"
+    finally:
+        stop(server)
