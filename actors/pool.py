@@ -18,8 +18,9 @@ from actors.manifest import TeacherInfo
 from actors.teacher import Teacher
 from actors.errors import SkdError, TeacherLostError
 
-#: Ray errors after which a teacher cannot answer (restarts used up, node gone, killed for good).
-LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.GetTimeoutError)
+#: Ray errors after which a teacher cannot answer (restarts used up, node gone, killed for good; with
+#: `max_task_retries=0` also a teacher that is restarting: ActorUnavailableError is a RayActorError).
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,15 @@ class PendingAnswers:
                 (a restarting actor is waited for: Ray retries the call up to `max_task_retries` times).
         """
         start = time.perf_counter()
+        ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=self.timeout_s, fetch_local=True)
         parts: list[Knowledge] = []
         for k, ref in zip(self._teachers, self._refs):
-            left = None if self.timeout_s is None else max(0.0, self.timeout_s - (time.perf_counter() - start))
+            if ref not in ready:
+                raise TeacherLostError(k, f"no answer within the knowledge timeout ({self.timeout_s:g} s)")
             try:
-                parts.append(ray.get(ref, timeout=left))
+                parts.append(ray.get(ref))
             except LOST as exc:
-                reason = (f"no answer within the knowledge timeout ({self.timeout_s:g} s)"
-                          if isinstance(exc, ray.exceptions.GetTimeoutError) else f"{type(exc).__name__}")
-                raise TeacherLostError(k, reason) from exc
+                raise TeacherLostError(k, type(exc).__name__) from exc
         wait = time.perf_counter() - start
         if self.teacher >= 0:
             return dataclasses.replace(parts[0], wait_s=wait)  # every requested output, as served

@@ -8,7 +8,7 @@ real `mlflow server` on 127.0.0.1 that this script starts (and, for the outage, 
 Faults (one run each, one Ray cluster for the in-process runs):
 
 - teacher-lost: `ray.kill(teacher, no_restart=True)` once the teachers served 60 requests;
-- worker-killed: SIGKILL of the Ray Train worker process right after its first checkpoint;
+- worker-killed: SIGKILL of the Ray Train worker process once its first checkpoint is registered;
 - interrupt: `skd distill` in its own process, SIGINT after its first checkpoint, then `--resume`;
 - mlflow-outage: the tracking server stopped after step 20's metrics arrived and restarted 10 s later.
 
@@ -28,13 +28,14 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator import runtime  # noqa: E402  (Ray / MLflow environment defaults)
-from tests.faultkit import (checkpoint_written, kill_workers, start_mlflow_server, stop,  # noqa: E402
-                            teacher_requests, when)
+from tests.faultkit import (checkpoint_registered, checkpoint_written, kill_workers,  # noqa: E402
+                            start_mlflow_server, stop, teacher_requests, when)
 
 
 def config(out: Path, uri: str, steps: int) -> dict:
@@ -48,6 +49,43 @@ def config(out: Path, uri: str, steps: int) -> dict:
                         "log_every": 5},
             "ray": {"num_workers": 1, "cpus_per_worker": 1, "num_cpus": 2},
             "mlflow": {"tracking_uri": uri, "experiment": "skd-bench-faults"}}
+
+
+FAULTS = ("teacher-lost", "worker-killed", "interrupt", "mlflow-outage")
+
+
+@dataclass
+class Bench:
+    """One benchmark invocation: its config maker, store, server and rows. Run names end in `stamp`, so
+    runs (and their checkpoint folders) of an earlier invocation in the same folder are never matched."""
+
+    out: Path
+    steps: int
+    port: int
+    server: subprocess.Popen
+    base: dict
+    stamp: str = field(default_factory=lambda: time.strftime("%m%d-%H%M%S"))
+    rows: list = field(default_factory=list)
+
+    def name(self, fault: str) -> str:
+        return f"{fault}-{self.stamp}"
+
+    def cfg(self, fault: str, *overrides: str):
+        from orchestrator.config_load import load_config
+
+        return load_config(None, [f"mlflow.run_name={self.name(fault)}", *overrides], base=self.base)
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(f"http://127.0.0.1:{self.port}")
+
+    def record(self, fault: str, how: str, res, extra: dict | None = None) -> None:
+        row = {"fault": fault, "injected": how, "status": res.status, "steps": res.steps,
+               "wall_s": round(res.wall_s, 1), **store_view(self.client, res.run_id, self.steps), **(extra or {})}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
 
 
 def in_background(fn):
@@ -64,43 +102,25 @@ def store_view(client, run_id: str, steps: int) -> dict:
             "steps_missing_metrics": sum(1 for s in range(1, steps + 1) if s not in seen)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-faults"))
-    parser.add_argument("--steps", type=int, default=200)
-    args = parser.parse_args()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mlflow").mkdir(exist_ok=True)
-    port = runtime.free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_mlflow_server(port, out / "mlflow")
+def restart_view(client, run_id: str) -> dict:
+    """From the train/loss timestamps: the last step logged before the restart, the step the restarted
+    worker began after (its checkpoint), and the seconds between the two values."""
+    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.timestamp)
+    for before, after in zip(history, history[1:]):
+        if after.step <= before.step:
+            return {"last_logged_before_kill": before.step, "resumed_after_step": after.step - 1,
+                    "restart_gap_s": round((after.timestamp - before.timestamp) / 1000, 1)}
+    return {"restart": "none seen"}
 
+
+def teacher_lost(b: Bench) -> None:
     import ray
-    from mlflow.tracking import MlflowClient
 
-    from orchestrator.config_load import load_config
     from orchestrator.distill import run_distill
     from orchestrator.plan import make_plan
     from orchestrator.sources import start_pool
-    from orchestrator.teachers import prepare_teachers
 
-    base = config(out, uri, args.steps)
-    cfg = lambda *o: load_config(None, list(o), base=base)  # noqa: E731
-    client = MlflowClient(uri)
-    prepare_teachers(cfg())
-    runtime.start_local_ray(2, dashboard=False, log_to_driver=False)
-    rows = []
-
-    def record(fault: str, how: str, res, extra: dict | None = None) -> None:
-        row = {"fault": fault, "injected": how, "status": res.status, "steps": res.steps, "wall_s": round(res.wall_s, 1),
-               **store_view(client, res.run_id, args.steps), **(extra or {})}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    record("none", "-", run_distill(cfg("mlflow.run_name=baseline"), register_as=None))
-
-    c = cfg("mlflow.run_name=teacher-lost")
+    c = b.cfg("teacher-lost")
     plan = make_plan(c)
     pool = start_pool(plan, plan.resources(ray.cluster_resources(), len(plan.active)), plan.active)
     thread, box = in_background(lambda: run_distill(c, source=pool, register_as=None))
@@ -108,51 +128,65 @@ def main() -> None:
     ray.kill(pool.actors[1], no_restart=True)
     thread.join()
     pool.close()
-    tags = client.get_run(box["out"].run_id).data.tags
-    record("teacher lost for good", "ray.kill(teacher actor, no_restart=True) after 60 requests", box["out"],
-           {"event": tags.get("skd.teacher_lost.minilm-l2", "-"), "counts": box["out"].counts})
+    tags = b.client.get_run(box["out"].run_id).data.tags
+    b.record("teacher lost for good", "ray.kill(teacher actor, no_restart=True) after 60 requests", box["out"],
+             {"event": tags.get("skd.teacher_lost.minilm-l2", "-"), "counts": box["out"].counts})
 
-    c = cfg("mlflow.run_name=worker-killed")
+
+def worker_killed(b: Bench) -> None:
+    from orchestrator.distill import run_distill
+
+    c = b.cfg("worker-killed")
     thread, box = in_background(lambda: run_distill(c, register_as=None))
-    when(checkpoint_written(c.storage_path(), "worker-killed"), thread.is_alive)
+    when(checkpoint_registered(c.storage_path(), b.name("worker-killed")), thread.is_alive)
     killed = kill_workers()
     thread.join()
-    record("student worker killed", f"SIGKILL of the Ray Train worker after its first checkpoint ({len(killed)})",
-           box["out"])
+    b.record("student worker killed", f"SIGKILL of the Ray Train worker after its first registered checkpoint "
+             f"({len(killed)})", box["out"], restart_view(b.client, box["out"].run_id))
 
-    raw = json.loads(cfg().model_dump_json(exclude_none=True, exclude={"tune"}))
-    (out / "interrupt.yaml").write_text(json.dumps(raw))
-    log = out / "interrupt.log"
+
+def interrupted(b: Bench) -> None:
+    from orchestrator.distill import run_distill
+
+    c = b.cfg("interrupt")
+    config_file = b.out / "interrupt.yaml"
+    config_file.write_text(json.dumps(json.loads(c.model_dump_json(exclude_none=True, exclude={"tune"}))))
+    log = b.out / f"{b.name('interrupt')}.log"
     started = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "skd"), "distill", "-c", str(out / "interrupt.yaml"),
-                                 "--set", "mlflow.run_name=interrupted"], stdout=f, stderr=subprocess.STDOUT)
-        when(checkpoint_written(c.storage_path(), "interrupted"), lambda: proc.poll() is None)
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "skd"), "distill", "-c", str(config_file)],
+                                stdout=f, stderr=subprocess.STDOUT)
+        when(checkpoint_written(c.storage_path(), b.name("interrupt")), lambda: proc.poll() is None)
         proc.send_signal(signal.SIGINT)
         code = proc.wait()
     first = float(re.search(r"wall time\s*│\s*([\d.]+) s", log.read_text()).group(1))
-    res = run_distill(cfg("mlflow.run_name=interrupted"), resume=True, register_as=None)
+    res = run_distill(c, resume=True, register_as=None)
     res.wall_s += first
-    record("driver interrupted", "SIGINT to `skd distill` after its first checkpoint, then --resume", res,
-           {"exit_code": code, "first_part_s": first, "whole_s": round(time.perf_counter() - started, 1)})
+    b.record("driver interrupted", "SIGINT to `skd distill` after its first checkpoint, then --resume", res,
+             {"exit_code": code, "first_part_s": first, "whole_s": round(time.perf_counter() - started, 1)})
 
-    c = cfg("mlflow.run_name=mlflow-outage")
+
+def mlflow_outage(b: Bench) -> None:
+    from orchestrator.distill import run_distill
+
+    c = b.cfg("mlflow-outage")
     thread, box = in_background(lambda: run_distill(c, register_as=None))
+    client = b.client
 
     def step_20_logged() -> bool:
         exp = client.get_experiment_by_name("skd-bench-faults")
-        found = client.search_runs([exp.experiment_id], "tags.`mlflow.runName` = 'mlflow-outage'")
+        found = client.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{b.name('mlflow-outage')}'")
         return bool(found) and any(m.step >= 20 for m in client.get_metric_history(found[0].info.run_id, "train/loss"))
 
     when(step_20_logged, thread.is_alive, every_s=0.2)
-    stop(server)
+    stop(b.server)
     time.sleep(10)
-    server = start_mlflow_server(port, out / "mlflow")
+    b.server = start_mlflow_server(b.port, b.out / "mlflow")
     thread.join()
-    record("MLflow server down 10 s", "mlflow server stopped after step 20, restarted 10 s later", box["out"])
-    ray.shutdown()
-    stop(server)
+    b.record("MLflow server down 10 s", "mlflow server stopped after step 20, restarted 10 s later", box["out"])
 
+
+def table(rows: list[dict]) -> None:
     base_wall = rows[0]["wall_s"]
     print("\n| fault | injected | status | steps | steps trained twice (>=) | steps missing metrics | "
           "trainer wall s (vs none) |")
@@ -160,6 +194,37 @@ def main() -> None:
     for r in rows:
         print(f"| {r['fault']} | {r['injected']} | {r['status']} | {r['steps']} | {r['steps_logged_twice']} | "
               f"{r['steps_missing_metrics']} | {r['wall_s']} ({r['wall_s'] - base_wall:+.1f}) |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-faults"))
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--faults", nargs="+", default=list(FAULTS), choices=list(FAULTS),
+                        help="which faults to inject (the uninterrupted run always runs)")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    (out / "mlflow").mkdir(parents=True, exist_ok=True)
+    port = runtime.free_port()
+    uri = f"http://127.0.0.1:{port}"
+    b = Bench(out, args.steps, port, start_mlflow_server(port, out / "mlflow"), config(out, uri, args.steps))
+    import ray
+
+    from orchestrator.distill import run_distill
+    from orchestrator.teachers import prepare_teachers
+
+    try:
+        prepare_teachers(b.cfg("teachers"))
+        runtime.start_local_ray(2, dashboard=False, log_to_driver=False)
+        b.record("none", "-", run_distill(b.cfg("baseline"), register_as=None))
+        for fault, inject in (("teacher-lost", teacher_lost), ("worker-killed", worker_killed),
+                              ("interrupt", interrupted), ("mlflow-outage", mlflow_outage)):
+            if fault in args.faults:
+                inject(b)
+    finally:
+        ray.shutdown()
+        stop(b.server)
+    table(b.rows)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ class TeachersConfig(_Strict):
     max_restarts: int = Field(2, ge=0, description="Times Ray restarts a teacher actor whose process died before "
                                                    "the teacher counts as lost for the run.")
     max_task_retries: int = Field(2, ge=0, description="Times Ray re-sends a knowledge request whose teacher "
-                                                       "died while restarts remain.")
+                                                       "died while restarts remain (0: a request to a teacher "
+                                                       "that is restarting drops the teacher for the run).")
     knowledge_timeout_s: float | None = Field(
         600.0, gt=0, description="Seconds a knowledge request may take (the first also waits for the teacher to "
                                  "load) before its teacher counts as lost; null: wait forever.")

@@ -1,10 +1,10 @@
 """Stopping a run cleanly from the driver: Ctrl-C (SIGINT) or SIGTERM asks the student workers to stop at
-the next step boundary where they flush their metric buffer, so the run ends with a checkpoint, every
-trained step's metrics in MLflow, the MLflow run KILLED and a `--resume` command printed.
+the next `log_every` step boundary, where they flush their metric buffer, so the run ends with a
+checkpoint, every trained step's metrics in MLflow, the MLflow run KILLED and a `--resume` command printed.
 
-The driver owns a small `RunControl` actor; workers poll it without blocking (`StopPoller`) every
-`log_every` steps, and the data-parallel ranks agree on the step to stop at (an all-reduce), since a
-report with a checkpoint is collective. A second signal stops at once (KeyboardInterrupt on the driver).
+The driver owns a small `RunControl` actor; workers poll it without blocking (`StopPoller`, every step,
+at most one call every 0.5 s), and at each `log_every` boundary the data-parallel ranks agree whether to
+stop (an all-reduce), since a report with a checkpoint is collective. A second signal stops at once (KeyboardInterrupt on the driver).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from typing import Callable, Iterator, TypeVar
 
 import ray
@@ -36,20 +37,28 @@ def start_control() -> ray.actor.ActorHandle:
 
 
 class StopPoller:
-    """Non-blocking reads of a `RunControl` on a worker: at most one call in flight; `poll()` returns True
-    once the driver asked to stop (False while the answer is still on its way)."""
+    """Non-blocking reads of a `RunControl` on a worker: at most one call in flight, at most one every
+    `every_s` seconds; `poll()` returns True once the driver asked to stop (an answer at most about
+    `every_s` old)."""
 
-    def __init__(self, control: ray.actor.ActorHandle | None) -> None:
-        self.control, self._ref, self.stopped = control, None, False
+    def __init__(self, control: ray.actor.ActorHandle | None, every_s: float = 0.5) -> None:
+        self.control, self._ref, self.stopped, self.every_s = control, None, False, every_s
+        self._asked = 0.0
 
     def poll(self) -> bool:
         if self.control is None or self.stopped:
             return self.stopped
         if self._ref is None:
-            self._ref = self.control.stopping.remote()
+            if time.monotonic() - self._asked < self.every_s:
+                return False
+            self._ref, self._asked = self.control.stopping.remote(), time.monotonic()
         ready, _ = ray.wait([self._ref], timeout=0)
         if ready:
-            self.stopped, self._ref = bool(ray.get(self._ref)), None
+            try:
+                self.stopped = bool(ray.get(self._ref))
+            except ray.exceptions.RayActorError:  # the driver is gone or stopped at once: stop too
+                self.stopped = True
+            self._ref = None
         return self.stopped
 
 

@@ -186,6 +186,7 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
     run_id, ray_name = _open_run(cfg, client, exp_id, run_name, tags, params, resume, continue_run)
     control = start_control()
     spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, tracking_uri=uri, run_id=run_id,
+                                                             spill_dir=str(cfg.out_dir() / "metrics-spill"),
                                                              control=control))
     trainer = TorchTrainer(
         lambda config: train_loop(config["spec"]), train_loop_config={"spec": spec},
@@ -202,7 +203,7 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         result, interrupted = run_interruptible(trainer.fit, control)
         names = spec.knowledge.names if spec.knowledge is not None else []
         out = _summary(run_id, run_name, result, names, time.perf_counter() - started)
-        out.interrupted = interrupted
+        out.interrupted = interrupted and out.status != "FINISHED"  # a signal in the last steps: finished
         lost = (result.metrics or {}).get("teachers_lost")
         if lost:
             raise TeachersLostError(f"{lost}. The run stopped with a checkpoint after step {out.steps} (MLflow run "

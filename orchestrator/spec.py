@@ -88,6 +88,7 @@ class RunSettings:
         best_teacher_metric: for retention (None: not reported).
         tracking_uri / run_id: the MLflow run the driver opened (filled by `runner.run_training`).
         control: the driver's `orchestrator.control.RunControl` actor (stop on Ctrl-C); None: no control.
+        spill_dir: where rank 0 keeps metrics while MLflow is unreachable (`<output_dir>/metrics-spill`).
     """
 
     steps: StepPlan
@@ -102,6 +103,7 @@ class RunSettings:
     tracking_uri: str = ""
     run_id: str = ""
     control: Any = None
+    spill_dir: str = ""
 
 
 @dataclass(frozen=True)

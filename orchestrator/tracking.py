@@ -47,17 +47,24 @@ def check_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
     from actors.errors import SkdError
 
     if tracking_uri.startswith(("http://", "https://")):
-        import urllib.error
+        import base64
+        import urllib.parse
         import urllib.request
 
+        url = urllib.parse.urlsplit(tracking_uri)
+        request = urllib.request.Request(urllib.parse.urlunsplit(
+            (url.scheme, url.hostname + (f":{url.port}" if url.port else ""), url.path.rstrip("/") + "/health", "", "")))
+        if url.username or url.password:  # credentials in the URI: as MLflow sends them, never in a message
+            pair = f"{urllib.parse.unquote(url.username or '')}:{urllib.parse.unquote(url.password or '')}"
+            request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
         try:
-            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as answer:
+            with urllib.request.urlopen(request, timeout=timeout_s) as answer:
                 if answer.status == 200:
                     return
                 problem = f"HTTP {answer.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            problem = str(getattr(exc, "reason", exc))
-        raise SkdError(f"mlflow.tracking_uri {tracking_uri}: the MLflow tracking server does not answer "
+        except Exception as exc:  # noqa: BLE001  (refused, DNS, TLS, HTTP errors, bad URL: all "does not answer")
+            problem = mask(str(getattr(exc, "reason", exc)))
+        raise SkdError(f"mlflow.tracking_uri {mask(tracking_uri)}: the MLflow tracking server does not answer "
                        f"({problem}); start it (e.g. mlflow server --host 127.0.0.1 --port 5000) or point "
                        f"mlflow.tracking_uri at a running one (or sqlite:///mlflow.db)")
     if tracking_uri.startswith("sqlite:///"):
@@ -95,21 +102,28 @@ def code_version() -> str:
         return "unknown"
 
 
-SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|credential)", re.IGNORECASE)
-URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^/@:\s]+:)[^@/\s]+@", re.IGNORECASE)
-QUERY_SECRET = re.compile(r"([?&][^=&\s]*(?:token|password|secret|key|signature)[^=&\s]*=)[^&\s]+", re.IGNORECASE)
+SECRET_KEY = re.compile(r"(^|[_-])(token|password|passwd|secret|api_?key|access_?key|credentials?)$", re.IGNORECASE)
+URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^\s@]+@(?=[^\s@]*$)", re.IGNORECASE)  # up to the last @
+QUERY_SECRET = re.compile(r"([?&][^=&\s]*(?:token|password|secret|key|sig|credential)[^=&\s]*=)[^&\s]+",
+                          re.IGNORECASE)
+
+
+def mask(value: str) -> str:
+    """`value` with URL credentials (`https://***@host`, whatever the user part holds) and secret query
+    values (`?token=***`, `&sig=***`, `X-Amz-Credential=***`) masked."""
+    return QUERY_SECRET.sub(r"\1***", URL_USERINFO.sub(r"\1***@", value))
 
 
 def redact(params: dict[str, str]) -> dict[str, str]:
-    """Params with secrets masked as `***`: values of keys that name a secret (token, password, secret,
-    api key, credential), passwords inside URLs (`https://user:***@host`) and secret query parameters
-    (`?token=***`), so tracking credentials never reach MLflow."""
+    """Params with secrets masked as `***`: the value of a setting whose last name part is a secret's
+    (`token`, `password`, `secret`, `api_key`, `access_key`, `credentials`; not `num_tokens`), and URL
+    credentials and secret query values in any value (`mask`), so tracking credentials never reach MLflow."""
     out = {}
     for key, value in params.items():
         if SECRET_KEY.search(key.rsplit(".", 1)[-1]) and value not in ("None", ""):
             out[key] = "***"
         else:
-            out[key] = QUERY_SECRET.sub(r"\1***", URL_PASSWORD.sub(r"\1***@", value))
+            out[key] = mask(value)
     return out
 
 
@@ -146,7 +160,8 @@ class MetricLogger:
         tracking_uri: MLflow tracking URI; run_id: the run the driver opened.
         enabled: False on non-zero ranks.
         max_buffered: metric/tag values kept in memory before spilling to `spill_path`.
-        spill_path: the spill file (default: skd-metrics-<run_id>.jsonl in the temp folder).
+        spill_path: the spill file (a run's: <output_dir>/metrics-spill/<run_id>.jsonl; default:
+            skd-metrics-<run_id>.jsonl in the temp folder); its folder is made when the first value spills.
         retry_s: seconds between attempts while the store is down; drain_s: how long `close` waits.
     """
 
@@ -159,7 +174,9 @@ class MetricLogger:
         self.max_buffered, self.retry_s, self.drain_s = max_buffered, retry_s, drain_s
         self.spill_path = spill_path or Path(tempfile.gettempdir()) / f"skd-metrics-{run_id}.jsonl"
         self._buffer: list = []  # Metric and RunTag, in logging order
-        self._spilled = 0  # values in the spill file, all older than the buffer
+        # lines in the spill file (one left by a killed worker of this run is replayed too)
+        self._spilled = len(self.spill_path.read_text().splitlines()) if enabled and self.spill_path.is_file() else 0
+        self._replaying = 0  # spill-file lines in the batch in flight
         self._inflight = None  # (future, items, from_spill)
         self._down_since: float | None = None
         self._last_try = 0.0
@@ -185,7 +202,8 @@ class MetricLogger:
     @property
     def pending(self) -> int:
         """Values not yet in the store (memory, spill file and the batch in flight)."""
-        return len(self._buffer) + self._spilled + (len(self._inflight[1]) if self._inflight else 0)
+        inflight = len(self._inflight[1]) if self._inflight and not self._inflight[2] else 0  # spill rows: counted
+        return len(self._buffer) + self._spilled + inflight
 
     def flush(self) -> None:
         """Collect the last send's outcome and start the next (never blocks on the store)."""
@@ -204,13 +222,31 @@ class MetricLogger:
             self._last_try = time.monotonic()
             self._inflight = (self._sender.submit(self._send, items), items, from_spill)
 
-    def _send(self, items: list) -> None:
-        from mlflow.entities import RunTag
-
+    def _send(self, items: list) -> list:
+        """Send `items` (in the sender thread); returns the values the store refused (sent one by one once
+        their batch was refused, so one bad name does not take its batch with it). Raises on an outage."""
+        refused = []
         for i in range(0, len(items), 1000):  # MLflow's batch limit
             chunk = items[i: i + 1000]
-            self._client.log_batch(self.run_id, metrics=[m for m in chunk if isinstance(m, Metric)],
-                                   tags=[t for t in chunk if isinstance(t, RunTag)])
+            try:
+                self._log(chunk)
+            except Exception as exc:  # noqa: BLE001
+                if not _rejected(exc):
+                    raise
+                for item in chunk:
+                    try:
+                        self._log([item])
+                    except Exception as one:  # noqa: BLE001
+                        if not _rejected(one):
+                            raise
+                        refused.append((item, str(one)))
+        return refused
+
+    def _log(self, items: list) -> None:
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, metrics=[m for m in items if isinstance(m, Metric)],
+                               tags=[t for t in items if isinstance(t, RunTag)])
 
     def _collect(self, block: bool) -> None:
         """Take the in-flight batch's outcome: done (drop it; a replayed spill file is removed) or failed
@@ -220,8 +256,8 @@ class MetricLogger:
         future, items, from_spill = self._inflight
         self._inflight = None
         try:
-            future.result()
-        except Exception as exc:  # noqa: BLE001  (any store failure: keep the values, try again later)
+            refused = future.result()
+        except Exception as exc:  # noqa: BLE001  (an outage: keep the values, try again later)
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 print(f"[skd] warning: MLflow store unreachable ({type(exc).__name__}); training goes on, "
@@ -229,35 +265,64 @@ class MetricLogger:
             if not from_spill:
                 self._buffer = items + self._buffer
             return
-        if from_spill:  # drop the replayed rows; rows spilled meanwhile stay for the next send
-            rest = self.spill_path.read_text().splitlines(keepends=True)[len(items):]
-            if rest:
-                self.spill_path.write_text("".join(rest))
-            else:
-                self.spill_path.unlink(missing_ok=True)
-            self._spilled = len(rest)
+        if refused:  # the store answered and refused these: retrying cannot help; kept aside, not lost
+            aside = self.spill_path.with_suffix(".rejected.jsonl")
+            print(f"[skd] warning: MLflow refused {len(refused)} values ({refused[0][1]}); kept in {aside}", flush=True)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            self._write_rows(aside, [item for item, _ in refused])
+        self._sent(from_spill)
         if self._down_since is not None:
             print(f"[skd] MLflow store back after {time.monotonic() - self._down_since:.0f} s; sending the "
                   f"{self.pending} kept values", flush=True)
             self._down_since = None
 
-    def _spill(self, items: list) -> None:
+    def _sent(self, from_spill: bool) -> None:
+        """The in-flight batch is done with: drop its lines from the spill file (lines spilled meanwhile
+        stay for the next send)."""
+        if not from_spill:
+            return
+        rest = self.spill_path.read_text().splitlines(keepends=True)[self._replaying:]
+        if rest:
+            self.spill_path.write_text("".join(rest))
+        else:
+            self.spill_path.unlink(missing_ok=True)
+        self._spilled = len(rest)
+
+    @staticmethod
+    def _write_rows(path: Path, items: list) -> None:
         import json
 
-        with open(self.spill_path, "a") as f:
+        with open(path, "a+") as f:
+            if f.tell() > 0:  # a line cut short (a worker killed mid-write) gets its own line end
+                f.seek(f.tell() - 1)
+                if f.read(1) != "\n":
+                    f.write("\n")
             for m in items:
                 row = {"k": m.key, "v": m.value, "t": m.timestamp, "s": m.step} if isinstance(m, Metric) else \
                     {"tag": m.key, "value": m.value}
                 f.write(json.dumps(row) + "\n")
+
+    def _spill(self, items: list) -> None:
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_rows(self.spill_path, items)
         self._spilled += len(items)
 
     def _read_spill(self) -> list:
+        """The spill file's values (`_replaying` = its lines; a line cut short by a killed worker is skipped)."""
         import json
 
         from mlflow.entities import RunTag
 
-        rows = [json.loads(line) for line in self.spill_path.read_text().splitlines() if line]
-        return [Metric(r["k"], r["v"], r["t"], r["s"]) if "k" in r else RunTag(r["tag"], r["value"]) for r in rows]
+        lines = self.spill_path.read_text().splitlines()
+        self._replaying = len(lines)
+        items = []
+        for line in lines:
+            try:
+                r = json.loads(line)
+                items.append(Metric(r["k"], r["v"], r["t"], r["s"]) if "k" in r else RunTag(r["tag"], r["value"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return items
 
     def close(self) -> None:
         """Send everything left, waiting up to `drain_s` seconds for the store; what cannot be sent stays in
@@ -276,6 +341,19 @@ class MetricLogger:
             print(f"[skd] warning: MLflow store still unreachable; {self._spilled} metric values kept in "
                   f"{self.spill_path}", flush=True)
         self._sender.shutdown(wait=False)
+
+
+def _rejected(exc: Exception) -> bool:
+    """Whether the store answered and refused a request (HTTP 4xx other than 408/429): not an outage."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    try:
+        status = int(exc.get_http_status_code())
+    except (TypeError, ValueError):
+        return False
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:

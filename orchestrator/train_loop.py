@@ -64,7 +64,8 @@ class DistillRecipe:
         self.names = kn.names if kn is not None else []
         self.start = self._resume()
         self.trainer.prepare()
-        self.logger = MetricLogger(run.tracking_uri, run.run_id, enabled=self.rank == 0)
+        spill = Path(run.spill_dir) / f"{run.run_id}.jsonl" if run.spill_dir else None
+        self.logger = MetricLogger(run.tracking_uri, run.run_id, enabled=self.rank == 0, spill_path=spill)
         self.stop = StopPoller(run.control)
 
     def _agree(self, lost: list[int]) -> list[int]:
@@ -72,7 +73,7 @@ class DistillRecipe:
         of an [N] flag vector over the worker group's process group; every rank calls it every step)."""
         import torch.distributed as dist
 
-        flags = torch.zeros(len(self.names), dtype=torch.int32)
+        flags = torch.zeros(len(self.names), dtype=torch.int32, device=self.trainer.device)  # NCCL: on the GPU
         flags[lost] = 1
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return torch.nonzero(flags).flatten().tolist()
@@ -105,7 +106,8 @@ class DistillRecipe:
                 knowledge = self.feed.next_knowledge(step)  # waits for it, then sends step+1's request
             except TeachersLostError as exc:  # every rank at the same step: checkpoint, tell the driver, end
                 self._log_losses(step)
-                self._report(step, checkpoint=True, extra={"teachers_lost": str(exc)})
+                self._report(step, checkpoint=step not in self.spec.run.steps.checkpoints,
+                             extra={"teachers_lost": str(exc)}, evaluate=False)  # `step` may be reported already
                 return
             self._log_losses(step)
             terms = self.trainer.update(batch, out, knowledge, stage)
@@ -126,15 +128,17 @@ class DistillRecipe:
                 return
 
     def _interrupted(self, step: int) -> bool:
-        """Whether the driver asked to stop (checked every `log_every` steps; all ranks agree, by an
-        all-reduce, so they report the same final step)."""
-        if self.stop.control is None or step % self.spec.run.log_every:
+        """Whether the driver asked to stop (polled every step without waiting, decided every `log_every`
+        steps; all ranks agree, by an all-reduce, so they report the same final step)."""
+        if self.stop.control is None:
             return False
         stop = self.stop.poll()
+        if step % self.spec.run.log_every:
+            return False
         if self.world > 1:
             import torch.distributed as dist
 
-            flag = torch.tensor([int(stop)], dtype=torch.int32)
+            flag = torch.tensor([int(stop)], dtype=torch.int32, device=self.trainer.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
         return stop
@@ -147,7 +151,7 @@ class DistillRecipe:
                 left = ", ".join(self.names[i] for i in self.feed.live())
                 print(f"[skd] teacher {self.names[k]} lost at step {lost_at + 1} ({reason}); going on with {left}",
                       flush=True)
-                self.logger.log({"teachers/alive": len(self.feed.live())}, lost_at)
+                self.logger.log({"teachers/alive": len(self.feed.live())}, lost_at + 1)  # 1-based, as train/*
                 self.logger.set_tag(f"skd.teacher_lost.{self.names[k]}", f"step {lost_at + 1}: {reason}")
 
     def _log(self, step: int, terms: dict[str, torch.Tensor], knowledge: Knowledge | None, served: int) -> None:
@@ -178,17 +182,17 @@ class DistillRecipe:
         """{"teacher_samples/<name>": examples that teacher served so far (global, the whole run)}."""
         return {f"teacher_samples/{name}": c for name, c in zip(self.names, self.feed.counts)}
 
-    def _report(self, step: int, checkpoint: bool, extra: dict | None = None) -> None:
-        """Evaluate (at evaluation steps), probe GSNR when due, and report to Ray Train on every rank, with a
-        checkpoint from rank 0 when `checkpoint`. The report carries counts and throughput (the driver's
-        summary comes from the last one), and `extra` (e.g. why the run stops)."""
+    def _report(self, step: int, checkpoint: bool, extra: dict | None = None, evaluate: bool = True) -> None:
+        """Evaluate (at evaluation steps, when `evaluate`), probe GSNR when due, and report to Ray Train on
+        every rank, with a checkpoint from rank 0 when `checkpoint`. The report carries counts and
+        throughput (the driver's summary comes from the last one), and `extra` (e.g. why the run stops)."""
         run = self.spec.run
         seconds = time.perf_counter() - self.started
         metrics: dict[str, float] = {"step": step, "finished": float(step >= run.steps.total),  # not "done": Tune's
                                      "wall_s": seconds, "samples": self.samples,
                                      "samples_per_s": self.samples / max(seconds, 1e-9),
                                      **self._teacher_samples(), **(extra or {})}
-        if step in run.steps.evals and self.rank == 0:
+        if evaluate and step in run.steps.evals and self.rank == 0:
             dev = {f"dev/{k}": v for k, v in self.trainer.evaluate(self.dev_data, run.eval_batch_size).items()}
             if run.best_teacher_metric:
                 dev["dev/retention"] = dev[f"dev/{self.spec.task.spec.metric}"] / run.best_teacher_metric
@@ -196,7 +200,7 @@ class DistillRecipe:
             self.logger.log(dev, step)
             self.logger.flush()
             print(f"[skd] eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in dev.items()), flush=True)
-        if run.gsnr_every and step % run.gsnr_every == 0:
+        if evaluate and run.gsnr_every and step % run.gsnr_every == 0:
             self._probe_gsnr(step)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

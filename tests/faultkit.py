@@ -70,6 +70,23 @@ def checkpoint_written(storage: Path, run_name: str) -> Callable[[], bool]:
     return lambda: bool(list(Path(storage).glob(f"{run_name}-*/checkpoint_*")))
 
 
+def checkpoint_registered(storage: Path, run_name: str) -> Callable[[], bool]:
+    """Whether Ray Train's controller has registered a checkpoint of that run (its checkpoint manager
+    snapshot lists one). A checkpoint folder exists a moment earlier; a worker killed in between (up to one
+    controller poll, ~2 s) restarts from the checkpoint before it."""
+    import json
+
+    def registered() -> bool:
+        for snapshot in Path(storage).glob(f"{run_name}-*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                    return True
+            except (OSError, ValueError):
+                continue
+        return False
+    return registered
+
+
 def kill_workers() -> list[int]:
     """SIGKILL every Ray Train worker process of this process's cluster; their pids."""
     import signal

@@ -100,14 +100,31 @@ def test_secrets_never_reach_logged_params(tmp_path):
     from orchestrator import tracking
 
     params = {"mlflow.tracking_uri": "https://alice:s3cret@mlflow.example.com/api?token=abc123&x=1",
+              "a.url": "https://bob:ab/cd@host.example", "b.url": "https://ghp_tok@github.com/x",
+              "c.url": "https://store.example/blob?sv=1&sig=SIGVALUE&X-Amz-Credential=AKIA1",
               "ray.address": "ray://10.0.0.1:10001", "deploy.api_key": "sk-123", "auth.password": "hunter2",
-              "distill.alpha": "0.5", "mlflow.token": "None"}
-    want = {"mlflow.tracking_uri": "https://alice:***@mlflow.example.com/api?token=***&x=1",
+              "distill.alpha": "0.5", "mlflow.token": "None", "distill.knowledge.tokens": "first",
+              "distill.knowledge.num_tokens": "10"}
+    want = {"mlflow.tracking_uri": "https://***@mlflow.example.com/api?token=***&x=1",
+            "a.url": "https://***@host.example", "b.url": "https://***@github.com/x",
+            "c.url": "https://store.example/blob?sv=1&sig=***&X-Amz-Credential=***",
             "ray.address": "ray://10.0.0.1:10001", "deploy.api_key": "***", "auth.password": "***",
-            "distill.alpha": "0.5", "mlflow.token": "None"}
+            "distill.alpha": "0.5", "mlflow.token": "None", "distill.knowledge.tokens": "first",
+            "distill.knowledge.num_tokens": "10"}
     assert tracking.redact(params) == want
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     run = client.create_run(client.create_experiment("secrets")).info.run_id
     tracking.log_params(client, run, params)  # what every skd run logs goes through here
     logged = client.get_run(run).data.params
-    assert logged == want and not any(s in v for v in logged.values() for s in ("s3cret", "abc123", "sk-123"))
+    assert logged == want
+    assert not any(s in v for v in logged.values() for s in ("s3cret", "abc123", "sk-123", "ab/cd", "ghp_", "SIGV"))
+
+
+def test_an_unreachable_store_with_credentials_is_a_clear_error_that_hides_them():
+    from actors.errors import SkdError
+    from orchestrator import runtime, tracking
+
+    for uri in (f"http://alice:s3cret@127.0.0.1:{runtime.free_port()}", "https://alice:s3cret@no-such-host.invalid"):
+        with pytest.raises(SkdError, match="tracking server does not answer") as err:
+            tracking.check_store(uri, timeout_s=2)
+        assert "s3cret" not in str(err.value) and "***@" in str(err.value)

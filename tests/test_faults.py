@@ -19,8 +19,8 @@ from orchestrator.plan import make_plan
 from orchestrator.sources import start_pool
 from orchestrator.teachers import prepare_teachers
 from tests.conftest import tiny_raw
-from tests.faultkit import (checkpoint_written, kill_workers, start_mlflow_server, stop, teacher_requests,
-                            when)
+from tests.faultkit import (checkpoint_registered, checkpoint_written, kill_workers, start_mlflow_server, stop,
+                            teacher_requests, when)
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +104,13 @@ def test_a_killed_student_worker_restarts_from_the_checkpoint_with_the_same_teac
     result, killed = {}, []
     worker = threading.Thread(target=lambda: result.update(out=run_distill(cfg)))
     worker.start()
-    if when(checkpoint_written(cfg.storage_path(), "worker-killed"), worker.is_alive):
-        killed = kill_workers()  # kill -9 the worker after its first checkpoint
+    if when(checkpoint_registered(cfg.storage_path(), "worker-killed"), worker.is_alive):
+        killed = kill_workers()  # kill -9 the worker once its first checkpoint is registered
     worker.join(timeout=600)
     out, client = result["out"], env["client"]
     assert killed, "the worker process was not found before the run ended"
+    logged = [m.step for m in client.get_metric_history(out.run_id, "train/loss")]
+    assert logged.count(1) == 1 and logged.count(20) == 1  # the restart began after step 20's checkpoint
     assert out.status == "FINISHED" and out.steps == 160 and out.counts == reference.counts
     assert history(client, out.run_id, "train/teacher") == history(client, reference.run_id, "train/teacher")
     assert client.get_run(out.run_id).info.status == "FINISHED"
@@ -235,3 +237,25 @@ def test_metric_logger_spills_past_its_bound_while_the_store_is_down_and_replays
         assert client.get_run(run_id).data.tags["skd.teacher_lost.t2"] == "step 30: test"
     finally:
         stop(server)
+
+
+def test_metric_logger_replays_a_spill_file_left_by_a_killed_worker_and_sets_aside_refused_values(tmp_path):
+    import json
+
+    from orchestrator.tracking import MetricLogger
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    run_id = client.create_run(client.create_experiment("replay")).info.run_id
+    spill = tmp_path / "spill.jsonl"
+    good = json.dumps({"k": "train/loss", "v": 0.5, "t": 1, "s": 7})
+    spill.write_text(good + "\n" + '{"k": "train/loss", "v": 0.4, "t"')  # the killed worker's last line, cut short
+    logger = MetricLogger(client.tracking_uri, run_id, spill_path=spill, retry_s=0.1, drain_s=30)
+    logger.log({"bad?<name": 1.0}, 8)  # MLflow refuses this name (HTTP 400): set aside, not retried forever
+    logger.flush()
+    logger._collect(block=True)
+    logger.log({"train/loss": 0.3}, 9)
+    logger.close()
+    assert logger.pending == 0 and not spill.exists()
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")) == [(7, 0.5), (9, 0.3)]
+    rejected = spill.with_suffix(".rejected.jsonl").read_text()
+    assert '"bad?<name"' in rejected
