@@ -103,14 +103,12 @@ def store_view(client, run_id: str, steps: int) -> dict:
 
 
 def restart_view(client, run_id: str) -> dict:
-    """From the train/loss timestamps: the last step logged before the restart, the step the restarted
-    worker began after (its checkpoint), and the seconds between the two values."""
+    """From the train/loss timestamps: the longest pause between two logged steps (a restart: the worker
+    died, a new one set up and resumed), the steps around it, and its seconds."""
     history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.timestamp)
-    for before, after in zip(history, history[1:]):
-        if after.step <= before.step:
-            return {"last_logged_before_kill": before.step, "resumed_after_step": after.step - 1,
-                    "restart_gap_s": round((after.timestamp - before.timestamp) / 1000, 1)}
-    return {"restart": "none seen"}
+    before, after = max(zip(history, history[1:]), key=lambda pair: pair[1].timestamp - pair[0].timestamp)
+    return {"longest_pause_after_step": before.step, "next_step_logged": after.step,
+            "longest_pause_s": round((after.timestamp - before.timestamp) / 1000, 1)}
 
 
 def teacher_lost(b: Bench) -> None:
