@@ -23,6 +23,9 @@ from actors.errors import SkdError, TeacherLostError
 LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 
+STRATEGIES = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
+
+
 @dataclass(frozen=True)
 class PlacementPlan:
     """Resources each role needs, as data, checked against the cluster before any actor starts.
@@ -30,6 +33,10 @@ class PlacementPlan:
     Attributes:
         teacher_cpus / teacher_gpus: per teacher actor; teachers: how many actors.
         worker_cpus / worker_gpus: per student worker; workers: how many.
+        teacher_custom / worker_custom: custom Ray resources per teacher actor / student worker (e.g.
+            {"skd-teacher": 1}, declared only by the nodes meant for them).
+        strategy: placement-group strategy of the teachers (one bundle each), e.g. STRICT_SPREAD = one
+            teacher per node.
     """
 
     teachers: int
@@ -38,21 +45,47 @@ class PlacementPlan:
     workers: int
     worker_cpus: float
     worker_gpus: float
+    teacher_custom: dict = dataclasses.field(default_factory=dict)
+    worker_custom: dict = dataclasses.field(default_factory=dict)
+    strategy: str = "SPREAD"
 
-    def check(self, cluster: dict[str, float]) -> None:
-        """Raise if the cluster cannot hold the plan.
+    def teacher_bundle(self) -> dict[str, float]:
+        """What one teacher actor reserves: {"CPU": c, "GPU": g (when > 0), custom resources}."""
+        return {"CPU": self.teacher_cpus, **({"GPU": self.teacher_gpus} if self.teacher_gpus else {}),
+                **self.teacher_custom}
+
+    def check(self, cluster: dict[str, float], nodes: list[dict[str, float]] | None = None) -> None:
+        """Raise if the cluster cannot hold the plan: totals per resource, and with STRICT_SPREAD enough
+        distinct nodes that can each hold one teacher.
+
+        Args:
+            cluster: total resources (`ray.cluster_resources()`).
+            nodes: each alive node's total resources (None: skip the per-node check).
 
         Raises:
-            SkdError: e.g. "need 4 GPUs for 4 teachers (1 each) + 0 for students, cluster has 2".
+            SkdError: naming what is missing, e.g. "need 4 GPUs: 4 for 4 teachers (1 each) + 0 for 1 student
+                workers, cluster has 2".
         """
-        for res, t_each, w_each in (("GPU", self.teacher_gpus, self.worker_gpus),
-                                    ("CPU", self.teacher_cpus, self.worker_cpus)):
+        needs = {"GPU": (self.teacher_gpus, self.worker_gpus), "CPU": (self.teacher_cpus, self.worker_cpus)}
+        for res in sorted(set(self.teacher_custom) | set(self.worker_custom)):
+            needs[res] = (self.teacher_custom.get(res, 0.0), self.worker_custom.get(res, 0.0))
+        for res, (t_each, w_each) in needs.items():
             need_t, need_w = self.teachers * t_each, self.workers * w_each
             have = cluster.get(res, 0.0)
             if need_t + need_w > have + 1e-9:
-                raise SkdError(f"need {need_t + need_w:g} {res}s: {need_t:g} for {self.teachers} teachers "
+                setting = {"GPU": "teachers.num_gpus", "CPU": "teachers.num_cpus"}.get(
+                    res, "teachers.resources / ray.resources_per_worker")
+                label = f"{res}s" if res in ("CPU", "GPU") else f"of {res!r}"
+                raise SkdError(f"need {need_t + need_w:g} {label}: {need_t:g} for {self.teachers} teachers "
                                f"({t_each:g} each) + {need_w:g} for {self.workers} student workers, cluster has "
-                               f"{have:g}. Lower teachers.num_{res.lower()}s / ray.num_workers or add nodes")
+                               f"{have:g}. Lower {setting} / ray.num_workers or add nodes")
+        if self.strategy == "STRICT_SPREAD" and nodes is not None and self.teachers:
+            bundle = self.teacher_bundle()
+            fit = sum(all(node.get(r, 0.0) + 1e-9 >= v for r, v in bundle.items()) for node in nodes)
+            if fit < self.teachers:
+                raise SkdError(f"teachers.placement STRICT_SPREAD puts each of the {self.teachers} teachers on its "
+                               f"own node, but only {fit} node(s) can hold one teacher ({bundle}); add nodes or "
+                               f"use SPREAD")
 
 
 class PendingAnswers:
@@ -105,16 +138,19 @@ class TeacherPool:
     """
 
     def __init__(self, teachers: list[TeacherInfo], actors: dict[int, ray.actor.ActorHandle],
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, placement_group=None) -> None:
         self.teachers = teachers
         self.actors = actors
         self.timeout_s = timeout_s  # the knowledge timeout of each request (None: wait forever)
+        self.placement_group = placement_group  # one bundle per teacher; removed by `close`
 
     @classmethod
     def start(cls, teachers: list[TeacherInfo], active: list[int], *, num_cpus: float, num_gpus: float,
               threads: int, regression: bool, plan: PlacementPlan | None = None,
               attn_implementation: str | None = None, wait: bool = True, max_restarts: int = 2,
-              max_task_retries: int = 2, timeout_s: float | None = None) -> "TeacherPool":
+              max_task_retries: int = 2, timeout_s: float | None = None, device: str = "auto",
+              resources: dict[str, float] | None = None, strategy: str = "SPREAD",
+              placement_timeout_s: float = 600.0) -> "TeacherPool":
         """Check placement, then start one actor per active teacher (and wait until all are loaded).
 
         Args:
@@ -130,21 +166,40 @@ class TeacherPool:
             max_task_retries: times Ray re-sends a request whose actor died (while restarts remain).
             timeout_s: seconds a knowledge request may take before its teacher counts as lost (the first
                 request of a run also waits for the teacher to load); None: no limit.
+            device: "auto" (CUDA when the actor's process sees a GPU), "cpu" or "cuda": what torch sees decides,
+                not the GPU count, so a node that declares a GPU it lacks still serves on CPU with auto.
+            resources: custom Ray resources per teacher (e.g. {"skd-teacher": 1}).
+            strategy: placement-group strategy over one bundle per teacher (STRICT_SPREAD: a node each).
+            placement_timeout_s: how long to wait for the placement group before refusing.
 
         Raises:
             SkdError: the cluster cannot hold the plan, or (wait=True) a teacher failed to load.
         """
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if strategy not in STRATEGIES:
+            raise SkdError(f"teachers.placement = {strategy!r}: choose one of {', '.join(STRATEGIES)}")
         if plan is not None:
-            plan.check(ray.cluster_resources())
-        remote = ray.remote(Teacher).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                                             max_task_retries=max_task_retries)
+            plan.check(ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **(resources or {})}
+        group = placement_group([dict(bundle) for _ in active], strategy=strategy)
+        ready, _ = ray.wait([group.ready()], timeout=placement_timeout_s)
+        if not ready:
+            remove_placement_group(group)
+            raise SkdError(f"the {len(active)} teachers ({bundle} each, {strategy}) could not be placed within "
+                           f"{placement_timeout_s:g} s: the cluster lacks free resources of that shape (other jobs, "
+                           f"or nodes too small); free them, add nodes, or change teachers.placement")
+        remote = ray.remote(Teacher)
         actors = {}
-        for i in active:
+        for slot, i in enumerate(active):
             t = teachers[i]
-            actors[i] = remote.remote(
-                i, t.checkpoint, t.num_labels, regression, threads, "cuda" if num_gpus > 0 else "cpu",
-                attn_implementation)
-        pool = cls(teachers, actors, timeout_s)
+            actors[i] = remote.options(
+                num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=max_task_retries,
+                resources=resources or None, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=slot)).remote(
+                i, t.checkpoint, t.num_labels, regression, threads, device, attn_implementation)
+        pool = cls(teachers, actors, timeout_s, group)
         if wait:
             try:
                 pool.check_loaded()
@@ -197,7 +252,12 @@ class TeacherPool:
         return self.submit(k, batch, request).result()
 
     def close(self) -> None:
-        """Kill the actors (the driver that started the pool calls this once)."""
+        """Kill the actors and remove their placement group (the driver that started the pool calls this once)."""
+        from ray.util.placement_group import remove_placement_group
+
         for a in self.actors.values():
             ray.kill(a)
         self.actors = {}
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None

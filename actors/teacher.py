@@ -137,10 +137,13 @@ class Teacher:
         return answer
 
     def stats(self) -> dict[str, float]:
-        """What this teacher served: {"requests", "examples", "compute_s" (seconds in forward passes),
-        "device"}."""
+        """What this teacher served and where: {"requests", "examples", "compute_s" (seconds in forward
+        passes), "device", "node" (the Ray node id; None in-process without Ray)}."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {"requests": self.requests, "examples": self.examples, "compute_s": self.compute_s,
-                "device": str(self.device)}
+                "device": str(self.device), "node": node}
 
     def ping(self) -> int:
         """Liveness check used by the pool after start-up; returns the teacher index."""

@@ -108,6 +108,14 @@ class FinetuneConfig(_Strict):
         None, gt=0, description="CPUs for the fine-tuning worker; default: every CPU of a local cluster.")
 
 
+def _positive_resources(value: dict[str, float], what: str) -> dict[str, float]:
+    bad = {k: v for k, v in value.items() if not k or k in ("CPU", "GPU", "memory") or not v > 0}
+    if bad:
+        raise ValueError(f"{what}: custom resources need a name other than CPU/GPU/memory and an amount > 0; got "
+                         f"{bad} (CPUs and GPUs have their own settings)")
+    return value
+
+
 class TeachersConfig(_Strict):
     """The teacher ensemble, where its manifest lives, and the resources of each teacher actor."""
 
@@ -117,6 +125,14 @@ class TeachersConfig(_Strict):
     num_cpus: float = Field(0.5, gt=0, description="Logical CPUs per teacher actor.")
     num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per teacher actor; auto = 1 when the cluster has GPUs.")
     threads: int = Field(1, gt=0, description="torch threads per teacher actor on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where a teacher runs: auto = CUDA when its process sees a GPU (whatever the node "
+                            "declares), else CPU.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per teacher actor, e.g. {skd-teacher: 1} to keep "
+                                          "teachers on the nodes that declare it.")
+    placement: Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"] = Field(
+        "SPREAD", description="Placement-group strategy over one bundle per teacher: STRICT_SPREAD = a node each.")
     max_restarts: int = Field(2, ge=0, description="Times Ray restarts a teacher actor whose process died before "
                                                    "the teacher counts as lost for the run.")
     max_task_retries: int = Field(2, ge=0, description="Times Ray re-sends a knowledge request whose teacher "
@@ -125,6 +141,11 @@ class TeachersConfig(_Strict):
     knowledge_timeout_s: float | None = Field(
         600.0, gt=0, description="Seconds a knowledge request may take (the first also waits for the teacher to "
                                  "load) before its teacher counts as lost; null: wait forever.")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom(cls, value: dict[str, float]) -> dict[str, float]:
+        return _positive_resources(value, "teachers.resources")
 
     @field_validator("members")
     @classmethod
@@ -250,8 +271,15 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a local cluster; default: all cores.")
     storage_path: Path | None = Field(None, description="Ray Train storage (checkpoints). Default: <output_dir>/ray.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per student worker, e.g. {skd-student: 1}.")
     max_failures: int = Field(1, ge=-1, description="Times Ray Train restarts the student workers from the latest "
                                                     "checkpoint after a worker failure (-1: always, 0: never).")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom(cls, value: dict[str, float]) -> dict[str, float]:
+        return _positive_resources(value, "ray.resources_per_worker")
 
 
 class MlflowConfig(_Strict):

@@ -151,7 +151,8 @@ class RunPlan:
         teacher_gpus = (1.0 if cluster.get("GPU", 0.0) > 0 else 0.0) if tc.num_gpus == "auto" else float(tc.num_gpus)
         worker_gpus = student_gpus(rc, cluster)
         workers = rc.num_workers if student_workers is None else student_workers
-        placement = PlacementPlan(teachers, tc.num_cpus, teacher_gpus, workers, rc.cpus_per_worker, worker_gpus)
+        placement = PlacementPlan(teachers, tc.num_cpus, teacher_gpus, workers, rc.cpus_per_worker, worker_gpus,
+                                  dict(tc.resources), dict(rc.resources_per_worker), tc.placement)
         return Resources(tc.num_cpus, teacher_gpus, tc.threads, worker_gpus, placement,
                          "eager" if self.cfg.distill.knowledge.needs_attentions else None)
 

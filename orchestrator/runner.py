@@ -191,7 +191,8 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
     trainer = TorchTrainer(
         lambda config: train_loop(config["spec"]), train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": float(spec.run.threads)}),
+                                     resources_per_worker={"CPU": float(spec.run.threads),
+                                                           **cfg.ray.resources_per_worker}),
         run_config=RunConfig(name=ray_name, storage_path=str(cfg.storage_path()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),

@@ -27,7 +27,8 @@ def start_pool(plan: RunPlan, resources: Resources, active: list[int], wait: boo
                              plan=resources.placement, attn_implementation=resources.attn_implementation, wait=wait,
                              max_restarts=plan.cfg.teachers.max_restarts,
                              max_task_retries=plan.cfg.teachers.max_task_retries,
-                             timeout_s=plan.cfg.teachers.knowledge_timeout_s)
+                             timeout_s=plan.cfg.teachers.knowledge_timeout_s, device=plan.cfg.teachers.device,
+                             resources=dict(plan.cfg.teachers.resources), strategy=plan.cfg.teachers.placement)
 
 
 @contextlib.contextmanager

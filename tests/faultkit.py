@@ -22,7 +22,7 @@ def start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
                              "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
                              "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -30,14 +30,24 @@ def start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
                 return proc
         except OSError:
             time.sleep(0.3)
-    proc.kill()
+    stop(proc)
     raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM a server started here and wait for it."""
-    proc.terminate()
-    proc.wait(timeout=60)
+    """SIGTERM a server started here and its process group (uvicorn workers, job runners), and wait."""
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def train_workers() -> list:

@@ -1,0 +1,130 @@
+"""A multi-node Ray cluster on this one machine (Ray's own `ray.cluster_utils.Cluster`): a head that takes
+no work, two teacher nodes that declare a GPU (which this machine does not have) and the custom resource
+`skd-teacher`, and a student node with `skd-student`. Checks that teachers land one per node through
+their placement group and serve on what torch sees (CPU), that a plan the cluster cannot hold is refused
+before anything starts, that a distill run spread over the nodes logs to a real MLflow server (proxied
+artifacts), and that `skd` without `ray.address` starts its own Ray beside this one instead of
+attaching to it."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from actors.errors import SkdError
+from actors.pool import PlacementPlan
+from orchestrator import runtime
+from orchestrator.config_load import load_config
+from orchestrator.distill import run_distill
+from orchestrator.plan import make_plan
+from orchestrator.sources import start_pool
+from orchestrator.teachers import prepare_teachers
+from tests.conftest import tiny_raw
+from tests.faultkit import start_mlflow_server, stop
+
+TEACHER_NODE = {"num_cpus": 1, "num_gpus": 1, "resources": {"skd-teacher": 1}}
+STUDENT_NODE = {"num_cpus": 2, "resources": {"skd-student": 1}}
+ON_NODES = ["teachers.num_gpus=1", "teachers.num_cpus=0.5", "teachers.placement=STRICT_SPREAD",
+            "teachers.resources={skd-teacher: 1}", "ray.resources_per_worker={skd-student: 1}"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, tmp_path_factory):
+    from ray.cluster_utils import Cluster
+
+    tmp = tmp_path_factory.mktemp("cluster")
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    teacher_nodes = [nodes.add_node(**TEACHER_NODE) for _ in range(2)]
+    nodes.add_node(**STUDENT_NODE)
+    nodes.wait_for_nodes()
+    ray.init(address=nodes.address, log_to_driver=False)
+    port = runtime.free_port()
+    (tmp / "mlflow").mkdir()
+    server = start_mlflow_server(port, tmp / "mlflow")
+    uri = f"http://127.0.0.1:{port}"
+
+    def cfg(*overrides: str):
+        # the nodes declare GPUs this machine lacks: students and fine-tuning train on CPU (gloo, not NCCL)
+        return load_config(None, [f"mlflow.tracking_uri={uri}", "teachers.finetune.cpus_per_worker=1",
+                                  "ray.use_gpu=false", *overrides], base=tiny_raw(tmp, tiny_model))
+
+    try:
+        prepare_teachers(cfg())  # fine-tuned on whichever node has room
+        yield {"cfg": cfg, "address": nodes.address, "teacher_nodes": {n.node_id for n in teacher_nodes},
+               "client": MlflowClient(uri), "tmp": tmp}
+    finally:
+        ray.shutdown()
+        stop(server)
+        nodes.shutdown()
+
+
+def test_teachers_run_one_per_teacher_node_on_what_torch_sees(cluster):
+    cfg = cluster["cfg"](*ON_NODES)
+    plan = make_plan(cfg)
+    pool = start_pool(plan, plan.resources(ray.cluster_resources(), len(plan.active)), plan.active)
+    try:
+        stats = [ray.get(a.stats.remote()) for a in pool.actors.values()]
+    finally:
+        pool.close()
+    assert len({s["node"] for s in stats}) == 2 and {s["node"] for s in stats} == cluster["teacher_nodes"]
+    assert {s["device"] for s in stats} == {"cpu"}  # the nodes declare a GPU; torch sees none, so CPU
+
+
+def test_a_plan_the_cluster_cannot_hold_is_refused_before_anything_starts(cluster):
+    from ray.util import placement_group_table
+
+    groups = set(placement_group_table())
+    cfg = cluster["cfg"](*ON_NODES, "teachers.resources={skd-teacher: 2}")
+    with pytest.raises(SkdError, match=r"need 4 of 'skd-teacher': 4 for 2 teachers \(2 each\).*cluster has 2"):
+        run_distill(cfg)
+    assert set(placement_group_table()) == groups  # refused before any placement group (or actor) was made
+
+
+def test_strict_spread_needs_a_node_per_teacher():
+    plan = PlacementPlan(teachers=3, teacher_cpus=1, teacher_gpus=1, workers=0, worker_cpus=1, worker_gpus=0,
+                         strategy="STRICT_SPREAD")
+    nodes = [{"CPU": 4, "GPU": 2}, {"CPU": 4, "GPU": 1}, {"CPU": 8}]
+    with pytest.raises(SkdError, match=r"STRICT_SPREAD .* 3 teachers .* only 2 node\(s\) can hold one teacher"):
+        plan.check({"CPU": 16, "GPU": 3}, nodes)
+    PlacementPlan(3, 1, 1, 0, 1, 0, strategy="SPREAD").check({"CPU": 16, "GPU": 3}, nodes)  # two on one node: fine
+
+
+def test_a_distill_run_spread_over_the_nodes_logs_to_the_mlflow_server(cluster):
+    out = run_distill(cluster["cfg"](*ON_NODES, "mlflow.run_name=multi-node"), register_as=None)
+    client = cluster["client"]
+    run = client.get_run(out.run_id)
+    assert out.status == "FINISHED" and run.info.status == "FINISHED" and out.steps == 8
+    assert len(client.get_metric_history(out.run_id, "train/loss")) == 8  # logged by the worker on the student node
+    artifacts = {a.path for a in client.list_artifacts(out.run_id)} | {
+        a.path for a in client.list_artifacts(out.run_id, "plots")}
+    assert "plots/learning_curves.png" in artifacts and run.info.artifact_uri.startswith("mlflow-artifacts:")
+
+
+def test_skd_without_ray_address_starts_its_own_ray_beside_this_one_and_attaches_only_when_told(cluster):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    raw = json.loads(cluster["cfg"]().model_dump_json(exclude_none=True, exclude={"tune"}))
+    raw["ray"]["num_cpus"] = 2
+    config = cluster["tmp"] / "beside.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    skd = str(Path(sys.executable).parent / "skd")
+    own = subprocess.run([skd, "teachers", "prepare", "-c", str(config)], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "RAY_ADDRESS": ""})
+    assert own.returncode == 0, own.stdout[-2000:] + own.stderr[-2000:]  # prepared teachers: reused, no Ray needed
+    started = subprocess.run([skd, "distill", "-c", str(config), "--set", "mlflow.run_name=beside",
+                              "--set", "distill.max_steps=2"], capture_output=True, text=True, timeout=600)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    assert "Started a local Ray instance" in started.stdout + started.stderr
+    attached = subprocess.run([skd, "distill", "-c", str(config), "--set", f"ray.address={cluster['address']}",
+                               "--set", "ray.num_cpus=null", "--set", "mlflow.run_name=attached",
+                               "--set", "distill.max_steps=2", *[a for s in ON_NODES for a in ("--set", s)]],
+                              capture_output=True, text=True, timeout=600)
+    assert attached.returncode == 0, attached.stdout[-3000:] + attached.stderr[-3000:]
+    assert "Started a local Ray instance" not in attached.stdout + attached.stderr
+    assert "Connected to Ray cluster" in attached.stdout + attached.stderr
