@@ -25,9 +25,11 @@ class RunControl:
         self._stop = False
 
     def stop(self) -> None:
+        """Ask the run's workers to stop at their next `log_every` boundary."""
         self._stop = True
 
     def stopping(self) -> bool:
+        """Whether `stop` was called."""
         return self._stop
 
 

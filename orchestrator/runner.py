@@ -142,6 +142,45 @@ def _summary(run_id: str, run_name: str, result, names: list[str], wall_s: float
         checkpoint=result.checkpoint.path if result.checkpoint is not None else None)
 
 
+def _trainer(cfg: SkdConfig, spec: WorkerSpec, ray_name: str, use_gpu: bool, report_to_tune: bool):
+    """The Ray Train `TorchTrainer` of one run: workers and their resources, checkpoints (2 kept), restarts
+    after a worker failure (`ray.max_failures`), Tune reporting inside a trial."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TorchTrainer(
+        lambda config: train_loop(config["spec"]), train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": float(spec.run.threads),
+                                                           **cfg.ray.resources_per_worker}),
+        run_config=RunConfig(name=ray_name, storage_path=str(cfg.storage_path()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             logging_config=LoggingConfig(log_level="ERROR"),
+                             callbacks=[TuneReportCallback()] if report_to_tune else None))
+
+
+def _outputs(client, uri: str, out: RunResult, result, model_out: Path,
+             figures: Callable[..., list[Path]] | None, register_as: str | None) -> None:
+    """After training: a finished run's student copied to `model_out` and logged (registered as
+    `register_as`), and the plots; a failure to log either is a warning (`_warn_on_failure`)."""
+    run_id = out.run_id
+    if out.status == "FINISHED" and result.checkpoint is not None:
+        with result.checkpoint.as_directory() as ckpt:
+            save_model(Path(ckpt) / "model", model_out)
+        out.model_dir = model_out
+        client.log_metric(run_id, "wall_s", out.wall_s)
+        _warn_on_failure(client, run_id, "model logging",
+                         lambda: tracking.log_hf_model(uri, run_id, model_out, register_as))
+    if figures is not None:
+        def plots() -> None:
+            with tempfile.TemporaryDirectory(prefix="skd-") as tmp:
+                tracking.log_figures(client, run_id, figures(client, run_id, out, Path(tmp)))
+        _warn_on_failure(client, run_id, "plots", plots)
+
+
 def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[str, str], params: dict[str, str],
                  model_out: Path, use_gpu: bool, resume: bool = False,
                  figures: Callable[..., list[Path]] | None = None, register_as: str | None = None,
@@ -175,11 +214,6 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         TeachersLostError: every teacher was lost; the run wrote a checkpoint and is marked FAILED.
         ray.train.TrainingFailedError (and others): training failed; the MLflow run is marked FAILED.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2.api.config import LoggingConfig
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     check_output(model_out)  # before the MLflow run and the trainer: refuse a folder skd did not create
     uri = cfg.tracking_uri()
     client, exp_id = tracking.open_experiment(uri, cfg.experiment_name())
@@ -188,16 +222,7 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
     spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, tracking_uri=uri, run_id=run_id,
                                                              spill_dir=str(cfg.out_dir() / "metrics-spill"),
                                                              control=control))
-    trainer = TorchTrainer(
-        lambda config: train_loop(config["spec"]), train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": float(spec.run.threads),
-                                                           **cfg.ray.resources_per_worker}),
-        run_config=RunConfig(name=ray_name, storage_path=str(cfg.storage_path()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                             logging_config=LoggingConfig(log_level="ERROR"),
-                             callbacks=[TuneReportCallback()] if report_to_tune else None))
+    trainer = _trainer(cfg, spec, ray_name, use_gpu, report_to_tune)
     status = "FAILED"
     started = time.perf_counter()
     try:
@@ -210,18 +235,7 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
             raise TeachersLostError(f"{lost}. The run stopped with a checkpoint after step {out.steps} (MLflow run "
                                     f"{run_id}, marked FAILED); once the teachers can run again, continue it with "
                                     f"--resume")
-        if out.status == "FINISHED" and result.checkpoint is not None:
-            with result.checkpoint.as_directory() as ckpt:
-                save_model(Path(ckpt) / "model", model_out)
-            out.model_dir = model_out
-            client.log_metric(run_id, "wall_s", out.wall_s)
-            _warn_on_failure(client, run_id, "model logging",
-                             lambda: tracking.log_hf_model(uri, run_id, model_out, register_as))
-        if figures is not None:
-            def plots() -> None:
-                with tempfile.TemporaryDirectory(prefix="skd-") as tmp:
-                    tracking.log_figures(client, run_id, figures(client, run_id, out, Path(tmp)))
-            _warn_on_failure(client, run_id, "plots", plots)
+        _outputs(client, uri, out, result, model_out, figures, register_as)
         status = out.status
         return out
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, resumable from the last checkpoint
