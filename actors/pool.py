@@ -184,28 +184,31 @@ class TeacherPool:
             plan.check(ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **(resources or {})}
         group = placement_group([dict(bundle) for _ in active], strategy=strategy)
-        ready, _ = ray.wait([group.ready()], timeout=placement_timeout_s)
+        try:
+            ready, _ = ray.wait([group.ready()], timeout=placement_timeout_s)
+        except BaseException:
+            remove_placement_group(group)
+            raise
         if not ready:
             remove_placement_group(group)
             raise SkdError(f"the {len(active)} teachers ({bundle} each, {strategy}) could not be placed within "
                            f"{placement_timeout_s:g} s: the cluster lacks free resources of that shape (other jobs, "
                            f"or nodes too small); free them, add nodes, or change teachers.placement")
         remote = ray.remote(Teacher)
-        actors = {}
-        for slot, i in enumerate(active):
-            t = teachers[i]
-            actors[i] = remote.options(
-                num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=max_task_retries,
-                resources=resources or None, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    group, placement_group_bundle_index=slot)).remote(
-                i, t.checkpoint, t.num_labels, regression, threads, device, attn_implementation)
-        pool = cls(teachers, actors, timeout_s, group)
-        if wait:
-            try:
+        pool = cls(teachers, {}, timeout_s, group)
+        try:  # from here on, any failure (Ctrl-C included) releases the actors and the placement group
+            for slot, i in enumerate(active):
+                t = teachers[i]
+                pool.actors[i] = remote.options(
+                    num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                    max_task_retries=max_task_retries, resources=resources or None,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=slot),
+                ).remote(i, t.checkpoint, t.num_labels, regression, threads, device, attn_implementation)
+            if wait:
                 pool.check_loaded()
-            except SkdError:
-                pool.close()
-                raise
+        except BaseException:
+            pool.close()
+            raise
         return pool
 
     def check_loaded(self, timeout_s: float | None = None) -> None:

@@ -21,6 +21,14 @@ def to_wire(t: torch.Tensor, wire_dtype: str) -> np.ndarray:
     return t.cpu().numpy()
 
 
+def _gpu_reserved() -> bool:
+    """Whether this process may use a GPU: in-process always; as a Ray actor only with GPUs reserved (Ray
+    2.60 leaves CUDA_VISIBLE_DEVICES alone for actors without GPUs, so they would share a student's GPU)."""
+    import ray
+
+    return not ray.is_initialized() or bool(ray.get_gpu_ids())
+
+
 class Teacher:
     """Holds one fine-tuned teacher in inference mode and answers knowledge requests.
 
@@ -34,7 +42,7 @@ class Teacher:
         num_labels: C.
         regression: the checkpoint is a regression head (1 output).
         threads: torch intra-op threads on CPU.
-        device: "cuda" or "cpu"; "auto" picks cuda when visible.
+        device: "cuda" or "cpu"; "auto" picks cuda when torch sees a GPU and (as a Ray actor) one was reserved.
         attn_implementation: None keeps transformers' default (sdpa: fastest for logits and hidden
             states); "eager" is needed to serve attentions or the cls-attention token modes.
     """
@@ -45,7 +53,7 @@ class Teacher:
 
         self.index = index
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() and _gpu_reserved() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)

@@ -109,10 +109,13 @@ class FinetuneConfig(_Strict):
 
 
 def _positive_resources(value: dict[str, float], what: str) -> dict[str, float]:
-    bad = {k: v for k, v in value.items() if not k or k in ("CPU", "GPU", "memory") or not v > 0}
+    import math
+
+    reserved = ("CPU", "GPU", "memory", "object_store_memory")
+    bad = {k: v for k, v in value.items() if not k or k in reserved or not (1e-4 <= v and math.isfinite(v))}
     if bad:
-        raise ValueError(f"{what}: custom resources need a name other than CPU/GPU/memory and an amount > 0; got "
-                         f"{bad} (CPUs and GPUs have their own settings)")
+        raise ValueError(f"{what}: custom resources need a name other than {'/'.join(reserved)} and a finite amount "
+                         f">= 0.0001 (Ray's precision); got {bad} (CPUs and GPUs have their own settings)")
     return value
 
 
@@ -146,6 +149,13 @@ class TeachersConfig(_Strict):
     @classmethod
     def _custom(cls, value: dict[str, float]) -> dict[str, float]:
         return _positive_resources(value, "teachers.resources")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpus(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 <= float(value) < float("inf"):
+            raise ValueError(f"teachers.num_gpus = {value} must be auto or a number >= 0 (e.g. 1, or 0.5 to share)")
+        return value
 
     @field_validator("members")
     @classmethod

@@ -218,14 +218,14 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
     uri = cfg.tracking_uri()
     client, exp_id = tracking.open_experiment(uri, cfg.experiment_name())
     run_id, ray_name = _open_run(cfg, client, exp_id, run_name, tags, params, resume, continue_run)
-    control = start_control()
-    spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, tracking_uri=uri, run_id=run_id,
-                                                             spill_dir=str(cfg.out_dir() / "metrics-spill"),
-                                                             control=control))
-    trainer = _trainer(cfg, spec, ray_name, use_gpu, report_to_tune)
-    status = "FAILED"
-    started = time.perf_counter()
+    status, control = "FAILED", None
     try:
+        control = start_control()
+        spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, tracking_uri=uri, run_id=run_id,
+                                                                 spill_dir=str(cfg.out_dir() / "metrics-spill"),
+                                                                 control=control))
+        trainer = _trainer(cfg, spec, ray_name, use_gpu, report_to_tune)
+        started = time.perf_counter()
         result, interrupted = run_interruptible(trainer.fit, control)
         names = spec.knowledge.names if spec.knowledge is not None else []
         out = _summary(run_id, run_name, result, names, time.perf_counter() - started)
@@ -247,5 +247,6 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         except Exception as exc:  # noqa: BLE001  (never hide the run's own outcome or error)
             print(f"[skd] warning: could not mark MLflow run {run_id} {status} ({exc!r}); it shows RUNNING "
                   f"until the store is reachable and the run is resumed or ended", flush=True)
-        with contextlib.suppress(Exception):  # Ray may already be going down (second Ctrl-C)
-            ray.kill(control)
+        if control is not None:
+            with contextlib.suppress(Exception):  # Ray may already be going down (second Ctrl-C)
+                ray.kill(control)

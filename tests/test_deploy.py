@@ -46,6 +46,28 @@ def strict(schema: dict) -> dict:
     return schema
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML loading that refuses a key repeated in one mapping (the API server's strict validation does;
+    plain `yaml.safe_load` keeps the last value silently)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    repeated = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+    if repeated:
+        raise yaml.constructor.ConstructorError(None, None, f"repeated keys {repeated}", node.start_mark)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                lambda loader, node: dict(_unique_mapping(loader, node)))
+
+
+def load(path: Path) -> list[dict]:
+    """Every document of a manifest, refusing repeated keys."""
+    return list(yaml.load_all(path.read_text(), Loader=UniqueKeyLoader))
+
+
 def crd_schema(kind_file: str, version: str = "v1") -> dict:
     crd = yaml.safe_load((CRDS / kind_file).read_text())
     [v] = [v for v in crd["spec"]["versions"] if v["name"] == version]
@@ -66,8 +88,9 @@ def test_there_are_rayjobs_for_distill_and_tune():
 
 @pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
 def test_rayjob_validates_strictly_against_the_kuberay_crd(path):
-    doc = yaml.safe_load(path.read_text())
+    [doc] = load(path)
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    assert "$" not in doc["spec"]["entrypoint"]  # KubeRay pastes it into the submitter pod's shell: no variables
     assert errors(strict(crd_schema("ray.io_rayjobs.yaml")), doc) == []
     spec = doc["spec"]["rayClusterSpec"]
     assert spec["authOptions"]["mode"] == "token"  # Ray token authentication on
@@ -93,7 +116,7 @@ def test_strict_validation_catches_a_misspelt_key_that_plain_validation_lets_thr
 def test_the_mounted_skd_config_is_a_valid_skd_config_asking_for_the_groups_resources():
     from orchestrator.config_load import load_config
 
-    docs = list(yaml.safe_load_all((DEPLOY / "kuberay" / "skd-config.yaml").read_text()))
+    docs = load(DEPLOY / "kuberay" / "skd-config.yaml")
     [config_map] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "skd-config"]
     raw = yaml.safe_load(config_map["data"]["skd.yaml"])
     cfg = load_config(None, [], base=raw)
@@ -102,15 +125,15 @@ def test_the_mounted_skd_config_is_a_valid_skd_config_asking_for_the_groups_reso
     mounts = {m["mountPath"] for m in yaml.safe_load((DEPLOY / "kuberay" / "rayjob-distill.yaml").read_text())
               ["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
     assert mounts == {"/mnt/shared", "/etc/skd"}
-    assert [d["kind"] for d in docs] == ["ConfigMap", "ConfigMap", "PersistentVolumeClaim"]
-    assert docs[2]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PersistentVolumeClaim"]
+    assert docs[1]["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_the_cluster_launcher_yaml_validates_against_rays_schema():
     import ray
 
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-    doc = yaml.safe_load((DEPLOY / "cloud" / "aws.yaml").read_text())
+    [doc] = load(DEPLOY / "cloud" / "aws.yaml")
     assert errors(schema, doc) == []
     types = doc["available_node_types"]
     assert types["teacher_gpu"]["resources"]["skd-teacher"] == 1 and types["student_gpu"]["resources"]["skd-student"] == 1
@@ -119,7 +142,7 @@ def test_the_cluster_launcher_yaml_validates_against_rays_schema():
 
 
 def test_the_mlflow_server_manifest_uses_only_secrets_it_defines_and_stays_inside_the_cluster():
-    docs = list(yaml.safe_load_all((DEPLOY / "mlflow" / "mlflow-server.yaml").read_text()))
+    docs = load(DEPLOY / "mlflow" / "mlflow-server.yaml")
     secrets = {(d["metadata"]["name"], k) for d in docs if d["kind"] == "Secret" for k in d["stringData"]}
     refs = set(re.findall(r"secretKeyRef: \{name: ([\w-]+), key: (\w+)\}",
                           (DEPLOY / "mlflow" / "mlflow-server.yaml").read_text()))
@@ -145,3 +168,38 @@ def test_dockerfiles_pin_torch_and_copy_what_exists(name):
                 assert (REPO / src).exists(), f"{name}: COPY {src} does not exist"
     packages = {p.split(".")[0] for p in project["tool"]["setuptools"]["packages"]}
     assert all(f"COPY {p} " in text for p in packages)  # every package the wheel needs is in the image
+
+
+def test_a_repeated_key_is_refused():
+    with pytest.raises(yaml.constructor.ConstructorError, match="repeated keys"):
+        list(yaml.load_all("spec: {entrypoint: a, entrypoint: b}", Loader=UniqueKeyLoader))
+
+
+def group_nodes(group: dict) -> list[dict[str, float]]:
+    """The Ray resources of each node of a KubeRay worker group (CPU and GPU from the container limits,
+    custom resources from the group), as KubeRay declares them."""
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    node = {"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0)),
+            **{k: float(v) for k, v in group.get("resources", {}).items()}}
+    return [dict(node) for _ in range(group["replicas"])]
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_the_rayjob_cluster_holds_the_plan_of_its_command(path):
+    from actors.pool import PlacementPlan
+    from orchestrator.config_load import load_config
+
+    [doc] = load(path)
+    nodes = [n for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"] for n in group_nodes(g)]
+    cluster = {r: sum(n.get(r, 0.0) for n in nodes) for n in nodes for r in n}
+    [config_map] = [d for d in load(DEPLOY / "kuberay" / "skd-config.yaml") if d["metadata"]["name"] == "skd-config"]
+    cfg = load_config(None, [], base=yaml.safe_load(config_map["data"]["skd.yaml"]))
+    trials = cfg.tune.max_concurrent if "skd tune" in doc["spec"]["entrypoint"] else 1
+    t, r = cfg.teachers, cfg.ray
+    plan = PlacementPlan(len(t.members), t.num_cpus, float(t.num_gpus), r.num_workers * trials, r.cpus_per_worker,
+                         1.0, dict(t.resources), dict(r.resources_per_worker), t.placement)
+    plan.check(cluster, nodes)  # raises SkdError naming the missing resource, as skd would on that cluster
+    with pytest.raises(Exception, match="need"):  # and the check is not vacuous: one more trial does not fit
+        PlacementPlan(len(t.members), t.num_cpus, float(t.num_gpus), r.num_workers * (trials + 1),
+                      r.cpus_per_worker, 1.0, dict(t.resources), dict(r.resources_per_worker), t.placement
+                      ).check(cluster, nodes)
