@@ -99,18 +99,19 @@ def test_secrets_never_reach_logged_params(tmp_path):
 
     from orchestrator import tracking
 
-    params = {"mlflow.tracking_uri": "https://alice:s3cret@mlflow.example.com/api?token=abc123&x=1",
-              "a.url": "https://bob:ab/cd@host.example", "b.url": "https://ghp_tok@github.com/x",
-              "c.url": "https://store.example/blob?sv=1&sig=SIGVALUE&X-Amz-Credential=AKIA1",
-              "ray.address": "ray://10.0.0.1:10001", "deploy.api_key": "sk-123", "auth.password": "hunter2",
-              "distill.alpha": "0.5", "mlflow.token": "None", "distill.knowledge.tokens": "first",
-              "distill.knowledge.num_tokens": "10"}
-    want = {"mlflow.tracking_uri": "https://***@mlflow.example.com/api?token=***&x=1",
-            "a.url": "https://***@host.example", "b.url": "https://***@github.com/x",
-            "c.url": "https://store.example/blob?sv=1&sig=***&X-Amz-Credential=***",
-            "ray.address": "ray://10.0.0.1:10001", "deploy.api_key": "***", "auth.password": "***",
-            "distill.alpha": "0.5", "mlflow.token": "None", "distill.knowledge.tokens": "first",
-            "distill.knowledge.num_tokens": "10"}
+    cases = [  # (setting, value, what MLflow may see)
+        ("mlflow.tracking_uri", "https://alice:s3cret@mlflow.example.com/api?token=abc123&x=1",
+         "https://***@mlflow.example.com/api?token=***&x=1"),
+        ("a.url", "https://bob:ab/cd@host.example", "https://***@host.example"),
+        ("b.url", "https://ghp_tok@github.com/x", "https://***@github.com/x"),
+        ("c.url", "https://store.example/blob?sv=1&sig=SIGVALUE&X-Amz-Credential=AKIA1",
+         "https://store.example/blob?sv=1&sig=***&X-Amz-Credential=***"),
+        ("ray.address", "ray://10.0.0.1:10001", "ray://10.0.0.1:10001"),
+        ("deploy.api_key", "sk-123", "***"), ("auth.password", "hunter2", "***"), ("distill.alpha", "0.5", "0.5"),
+        ("mlflow.token", "None", "None"), ("distill.knowledge.tokens", "first", "first"),
+        ("distill.knowledge.num_tokens", "10", "10")]
+    params = {key: value for key, value, _ in cases}
+    want = {key: masked for key, _, masked in cases}
     assert tracking.redact(params) == want
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     run = client.create_run(client.create_experiment("secrets")).info.run_id
