@@ -68,15 +68,20 @@ class DistillRecipe:
         self.logger = MetricLogger(run.tracking_uri, run.run_id, enabled=self.rank == 0, spill_path=spill)
         self.stop = StopPoller(run.control)
 
-    def _agree(self, lost: list[int]) -> list[int]:
-        """The union over data-parallel ranks of the teachers each found lost at this step (an all-reduce
-        of an [N] flag vector over the worker group's process group; every rank calls it every step)."""
+    def _max_over_ranks(self, values: list[int]) -> list[int]:
+        """Element-wise maximum of an int vector over the data-parallel ranks (one all-reduce over the worker
+        group's process group, on the worker's device as NCCL needs; every rank must call it)."""
         import torch.distributed as dist
 
-        flags = torch.zeros(len(self.names), dtype=torch.int32, device=self.trainer.device)  # NCCL: on the GPU
-        flags[lost] = 1
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return torch.nonzero(flags).flatten().tolist()
+        tensor = torch.tensor(values, dtype=torch.int32, device=self.trainer.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
+
+    def _agree(self, lost: list[int]) -> list[int]:
+        """The union over data-parallel ranks of the teachers each found lost at this step (an [N] flag
+        vector through `_max_over_ranks`; every rank calls it every step)."""
+        flags = self._max_over_ranks([int(k in lost) for k in range(len(self.names))])
+        return [k for k, flag in enumerate(flags) if flag]
 
     def _resume(self) -> int:
         """The first step to train: 0, or the step of Ray Train's latest (else the explicit) checkpoint."""
@@ -136,11 +141,7 @@ class DistillRecipe:
         if step % self.spec.run.log_every:
             return False
         if self.world > 1:
-            import torch.distributed as dist
-
-            flag = torch.tensor([int(stop)], dtype=torch.int32, device=self.trainer.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
+            stop = bool(self._max_over_ranks([int(stop)])[0])
         return stop
 
     def _log_losses(self, step: int) -> None:
