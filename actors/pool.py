@@ -15,7 +15,7 @@ import ray
 
 from actors.knowledge import Knowledge, KnowledgeRequest, TokenBatch, average_logits
 from actors.manifest import TeacherInfo
-from actors.teacher import Teacher
+from actors.teacher import remote_teacher
 from actors.errors import SkdError, TeacherLostError
 
 #: Ray errors after which a teacher cannot answer (restarts used up, node gone, killed for good; with
@@ -125,7 +125,8 @@ class PendingAnswers:
                 raise TeacherLostError(k, type(exc).__name__) from exc
         wait = time.perf_counter() - start
         if self.teacher >= 0:
-            return dataclasses.replace(parts[0], wait_s=wait)  # every requested output, as served
+            # every requested output, as served, under the asker's index (a served pool's actor has its own)
+            return dataclasses.replace(parts[0], teacher=self.teacher, wait_s=wait)
         return average_logits(parts, wait)
 
 
@@ -150,7 +151,7 @@ class TeacherPool:
               attn_implementation: str | None = None, wait: bool = True, max_restarts: int = 2,
               max_task_retries: int = 2, timeout_s: float | None = None, device: str = "auto",
               resources: dict[str, float] | None = None, strategy: str = "SPREAD",
-              placement_timeout_s: float = 600.0) -> "TeacherPool":
+              placement_timeout_s: float = 600.0, slots: int = 1, namespace: str | None = None) -> "TeacherPool":
         """Check placement, then start one actor per active teacher (and wait until all are loaded).
 
         Args:
@@ -171,6 +172,9 @@ class TeacherPool:
             resources: custom Ray resources per teacher (e.g. {"skd-teacher": 1}).
             strategy: placement-group strategy over one bundle per teacher (STRICT_SPREAD: a node each).
             placement_timeout_s: how long to wait for the placement group before refusing.
+            slots: forward passes each teacher runs at once (see `Teacher`).
+            namespace: start detached actors named `teacher-<name>` (and a detached placement group) in this
+                Ray namespace, so they outlive this driver (`skd teachers serve`); None: owned by this driver.
 
         Raises:
             SkdError: the cluster cannot hold the plan, or (wait=True) a teacher failed to load.
@@ -183,7 +187,8 @@ class TeacherPool:
         if plan is not None:
             plan.check(ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **(resources or {})}
-        group = placement_group([dict(bundle) for _ in active], strategy=strategy)
+        group = placement_group([dict(bundle) for _ in active], strategy=strategy,
+                                lifetime="detached" if namespace else None)
         try:
             ready, _ = ray.wait([group.ready()], timeout=placement_timeout_s)
         except BaseException:
@@ -194,16 +199,17 @@ class TeacherPool:
             raise SkdError(f"the {len(active)} teachers ({bundle} each, {strategy}) could not be placed within "
                            f"{placement_timeout_s:g} s: the cluster lacks free resources of that shape (other jobs, "
                            f"or nodes too small); free them, add nodes, or change teachers.placement")
-        remote = ray.remote(Teacher)
+        remote = remote_teacher()
         pool = cls(teachers, {}, timeout_s, group)
         try:  # from here on, any failure (Ctrl-C included) releases the actors and the placement group
             for slot, i in enumerate(active):
                 t = teachers[i]
+                named = {"name": f"teacher-{t.name}", "namespace": namespace, "lifetime": "detached"} if namespace else {}
                 pool.actors[i] = remote.options(
                     num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                    max_task_retries=max_task_retries, resources=resources or None,
+                    max_task_retries=max_task_retries, resources=resources or None, **named,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=slot),
-                ).remote(i, t.checkpoint, t.num_labels, regression, threads, device, attn_implementation)
+                ).remote(i, t.checkpoint, t.num_labels, regression, threads, device, attn_implementation, slots)
             if wait:
                 pool.check_loaded()
         except BaseException:

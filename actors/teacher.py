@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
+import ray
 import torch
 
 from actors import selection
@@ -24,15 +26,20 @@ def to_wire(t: torch.Tensor, wire_dtype: str) -> np.ndarray:
 def _gpu_reserved() -> bool:
     """Whether this process may use a GPU: in-process always; as a Ray actor only with GPUs reserved (Ray
     2.60 leaves CUDA_VISIBLE_DEVICES alone for actors without GPUs, so they would share a student's GPU)."""
-    import ray
-
     return not ray.is_initialized() or bool(ray.get_gpu_ids())
+
+
+def remote_teacher():
+    """`Teacher` as a Ray actor class: a threaded actor whose knowledge requests (up to 16 at a time, the rest
+    queued by Ray) wait for the teacher's compute slots inside, while `stats`, `ping` and `dims` run in
+    their own "control" thread and answer at once."""
+    return ray.remote(max_concurrency=16, concurrency_groups={"control": 1})(Teacher)
 
 
 class Teacher:
     """Holds one fine-tuned teacher in inference mode and answers knowledge requests.
 
-    The same class runs in-process (benchmarks, tests) or as a Ray actor (`ray.remote(Teacher)`).
+    The same class runs in-process (benchmarks, tests) or as a Ray actor (`remote_teacher()`).
     Teachers of different depth, width and head count can serve the same request: each maps the
     student layers to its own depth and returns its own hidden size and heads.
 
@@ -45,10 +52,13 @@ class Teacher:
         device: "cuda" or "cpu"; "auto" picks cuda when torch sees a GPU and (as a Ray actor) one was reserved.
         attn_implementation: None keeps transformers' default (sdpa: fastest for logits and hidden
             states); "eager" is needed to serve attentions or the cls-attention token modes.
+        slots: forward passes run at once (the actor is threaded: `remote_teacher`); further requests wait in
+            this actor's queue (`stats()["queued"]`). More than 1 lets one teacher serve several students'
+            requests in parallel (each pass uses `threads` cores on CPU).
     """
 
     def __init__(self, index: int, checkpoint: str, num_labels: int, regression: bool = False, threads: int = 1,
-                 device: str = "auto", attn_implementation: str | None = None) -> None:
+                 device: str = "auto", attn_implementation: str | None = None, slots: int = 1) -> None:
         from actors.models import load_classifier
 
         self.index = index
@@ -65,7 +75,10 @@ class Teacher:
         self.hidden_size = int(config.hidden_size)  # D_t
         self.num_heads = int(config.num_attention_heads)  # H_t
         self.requests, self.examples, self.compute_s = 0, 0, 0.0  # served so far (see `stats`)
+        self._slots, self._lock = threading.Semaphore(slots), threading.Lock()
+        self.slots, self.queued, self.running = slots, 0, 0
 
+    @ray.method(concurrency_group="control")
     def dims(self) -> dict[str, int]:
         """The teacher's shape: {"num_layers": L_t, "hidden_size": D_t, "num_heads": H_t}.
 
@@ -73,8 +86,21 @@ class Teacher:
         """
         return {"num_layers": self.num_layers, "hidden_size": self.hidden_size, "num_heads": self.num_heads}
 
-    @torch.inference_mode()
     def knowledge(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Knowledge:
+        """The answer of `_answer` once one of the `slots` is free (requests beyond them wait, counted)."""
+        with self._lock:
+            self.queued += 1
+        with self._slots:
+            with self._lock:
+                self.queued, self.running = self.queued - 1, self.running + 1
+            try:
+                return self._answer(batch, request)
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+    @torch.inference_mode()
+    def _answer(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Knowledge:
         """Run the teacher on a batch and return what the request asks for, selected on this actor.
 
         One forward pass; hidden states and attentions are computed only when the request needs them.
@@ -140,19 +166,22 @@ class Teacher:
         if "cls" in request.outputs:
             answer.cls = to_wire(torch.stack([out.hidden_states[l][:, 0] for l in layers], dim=1), wire)  # [B, k, D_t]
         answer.compute_s = time.perf_counter() - start
-        self.requests, self.examples = self.requests + 1, self.examples + batch.size
-        self.compute_s += answer.compute_s
+        with self._lock:
+            self.requests, self.examples = self.requests + 1, self.examples + batch.size
+            self.compute_s += answer.compute_s
         return answer
 
+    @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, float]:
         """What this teacher served and where: {"requests", "examples", "compute_s" (seconds in forward
-        passes), "device", "node" (the Ray node id; None in-process without Ray)}."""
-        import ray
-
+        passes), "queued" (requests waiting for a slot now), "running", "slots", "device", "node" (the Ray
+        node id; None in-process without Ray)}. Answered at once, not behind queued requests."""
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {"requests": self.requests, "examples": self.examples, "compute_s": self.compute_s,
+                "queued": self.queued, "running": self.running, "slots": self.slots,
                 "device": str(self.device), "node": node}
 
+    @ray.method(concurrency_group="control")
     def ping(self) -> int:
         """Liveness check used by the pool after start-up; returns the teacher index."""
         return self.index

@@ -77,7 +77,8 @@ def build_cache(cfg: SkdConfig, path: Path | None = None, *, overwrite: bool = F
         print(f"[skd] cache build -> {path}: {left} shard(s) of {writer.shard_size} rows to write "
               f"({len(missing) * writer.num_shards - left} already there)", flush=True)
         with ray_session(cfg.ray):
-            resources = plan.resources(ray.cluster_resources(), len(todo), student_workers=0)
+            resources = plan.resources(ray.cluster_resources(), len(todo) if plan.uses_teacher_actors else 0,
+                                       student_workers=0)
             with open_source(plan, resources, todo) as pool:
                 kept, full = build_shards(pool, writer, request, batch_of,
                                           [(t.num_layers, t.hidden_size) for t in plan.teachers],

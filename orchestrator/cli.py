@@ -25,7 +25,8 @@ from orchestrator.config_load import load_config
 
 app = typer.Typer(help="Stochastic knowledge distillation (SKDBERT) of BERT-style models on Ray, tracked in MLflow.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-teachers_app = typer.Typer(help="Prepare the teacher ensemble.", no_args_is_help=True)
+teachers_app = typer.Typer(help="Prepare the teacher ensemble; serve it as a long-lived, elastic pool.",
+                           no_args_is_help=True)
 app.add_typer(teachers_app, name="teachers")
 cache_app = typer.Typer(help="The offline knowledge cache (train without loading teachers).", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
@@ -71,6 +72,99 @@ def teachers_prepare(config: ConfigOpt, set_: SetOpt = None,
     console.print(table)
 
 
+PoolOpt = Annotated[Optional[str], typer.Option(
+    "--name", help="Pool name (default: teachers.pool of the config, else 'default').")]
+AddressOpt = Annotated[Optional[str], typer.Option(
+    help="Ray cluster: auto or host:port (default: ray.address of the config, else $RAY_ADDRESS).")]
+OptConfig = Annotated[Optional[Path], typer.Option("-c", "--config", help="YAML config (for ray.address, teachers.pool).")]
+
+
+def print_pools(pools: list[dict]) -> None:
+    """One table per served pool: each teacher's node, device, requests, examples, queue, compute seconds."""
+    if not pools:
+        console.print("no teacher pools serve on this cluster")
+    for p in pools:
+        table = Table(title=f"teacher pool {p['pool']} (version {p['version']}; "
+                            f"{p['settings']['task']}, {p['settings']['slots']} slot(s) per teacher)")
+        for col in ("teacher", "node", "device", "requests", "examples", "queued", "running", "compute s", "status"):
+            table.add_column(col)
+        for t in p["teachers"]:
+            table.add_row(t["name"], t.get("node", "-"), t.get("device", "-"), str(t.get("requests", "-")),
+                          str(t.get("examples", "-")), str(t.get("queued", "-")), str(t.get("running", "-")),
+                          f"{t['compute_s']:.1f}" if "compute_s" in t else "-", t["status"])
+        console.print(table)
+        changes = "; ".join(f"v{h['version']} {h['change']}" for h in p["history"][-5:])
+        console.print(f"changes: {changes}", highlight=False)
+
+
+@teachers_app.command("serve")
+def teachers_serve(config: ConfigOpt, set_: SetOpt = None, name: PoolOpt = None):
+    """Start the config's prepared teachers as a named pool of detached actors on the running cluster
+    (ray.address) and return; jobs with `teachers.pool: NAME` share it until `skd teachers stop`."""
+    from orchestrator.serving import serve
+
+    try:
+        print_pools([serve(load_config(config, set_), name)])
+    except SkdError as exc:
+        fail(exc)
+
+
+@teachers_app.command("status")
+def teachers_status(config: OptConfig = None, name: PoolOpt = None, address: AddressOpt = None):
+    """List the served pools (or one): each teacher's node, device, requests served and queue."""
+    from orchestrator.serving import connect, status
+
+    try:
+        cfg = load_config(config) if config else None
+        with connect(cfg, address):
+            print_pools(status(name or (cfg.teachers.pool if cfg else None)))
+    except SkdError as exc:
+        fail(exc)
+
+
+@teachers_app.command("add")
+def teachers_add(config: ConfigOpt, teacher: Annotated[list[str], typer.Argument(help="Teachers of the config to add.")],
+                 set_: SetOpt = None, name: PoolOpt = None):
+    """Start prepared teachers of the config and add them to a served pool; attached students ask them from
+    their next step on (the sampling distribution gives them their share)."""
+    from orchestrator.serving import add
+
+    try:
+        print_pools([add(load_config(config, set_), list(teacher), name)])
+    except SkdError as exc:
+        fail(exc)
+
+
+@teachers_app.command("remove")
+def teachers_remove(teacher: Annotated[list[str], typer.Argument(help="Teachers to remove.")],
+                    config: OptConfig = None, name: PoolOpt = None, address: AddressOpt = None,
+                    drain_s: Annotated[float, typer.Option(help="Seconds to keep serving requests already sent.")] = 10.0):
+    """Take teachers out of a served pool; attached students stop asking them at their next step and their
+    mass is spread over the rest; the actors stop after --drain-s seconds."""
+    from orchestrator.serving import connect, remove
+
+    try:
+        cfg = load_config(config) if config else None
+        with connect(cfg, address):
+            print_pools([remove(cfg, list(teacher), name, drain_s)])
+    except SkdError as exc:
+        fail(exc)
+
+
+@teachers_app.command("stop")
+def teachers_stop(config: OptConfig = None, name: PoolOpt = None, address: AddressOpt = None):
+    """Stop a served pool: its teacher actors, placement group and directory."""
+    from orchestrator.serving import connect, pool_name, stop
+
+    try:
+        cfg = load_config(config) if config else None
+        with connect(cfg, address):
+            pool = pool_name(cfg, name)
+            console.print(f"stopped pool {pool}: {', '.join(stop(pool)) or 'no teachers'}", highlight=False)
+    except SkdError as exc:
+        fail(exc)
+
+
 @app.command()
 def distill(config: ConfigOpt, set_: SetOpt = None,
             resume: Annotated[bool, typer.Option(help="Continue the newest unfinished run of this config.")] = False,
@@ -111,6 +205,12 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
     table.add_row("steps", str(result.steps))
     table.add_row("wall time", f"{result.wall_s:.1f} s")
     table.add_row("throughput", f"{result.samples_per_s:.1f} samples/s")
+    t = result.timings
+    if "time/loop_s" in t:
+        table.add_row("time (s)", f"plan {t.get('time/plan_s', 0):.1f}, Ray {t.get('time/ray_start_s', 0):.1f}, Ray Train "
+                                  f"{t['time/fit_s']:.1f} (worker set-up {t['time/setup_s']:.1f}, training "
+                                  f"{t['time/train_s']:.1f}, evaluations {t['time/eval_s']:.1f}, checkpoints and "
+                                  f"reports {t['time/report_s']:.1f}), outputs {t.get('time/outputs_s', 0):.1f}")
     for name, n in result.counts.items():
         table.add_row(f"samples from {name}", str(n))
     table.add_row("student", str(result.model_dir or "-"))

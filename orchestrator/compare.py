@@ -85,7 +85,8 @@ def run_comparison(cfg: SkdConfig, config_path: str | None, variants: list[str],
     tracking.check_store(cfg.tracking_uri())  # before Ray
     with ray_session(cfg.ray):
         everyone = list(range(len(shared.teachers)))
-        with open_source(shared, shared.resources(ray.cluster_resources(), len(everyone)), everyone) as pool:
+        resources = shared.resources(ray.cluster_resources(), len(everyone) if shared.uses_teacher_actors else 0)
+        with open_source(shared, resources, everyone) as pool:
             for (v, s), plan in plans.items():
                 print(f"[skd] compare: {v} seed {s}", flush=True)
                 results[v].append(run_distill(plan.cfg, source=pool, plan=plan))

@@ -14,12 +14,46 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from actors.errors import DataError
 from actors.models import PACKAGED_MODEL
 from orchestrator.tune_section import TuneSection
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_GLUE_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
+GLUE_BESIDE = Path("..") / "shared" / "data" / "glue"  # the default GLUE folder, relative to a checkout's root
+
+
+def installed_source_dir() -> Path | None:
+    """The folder the installed `skd` distribution was installed from (`pip install -e .` or `pip install .`
+    record it as a file:// URL in the distribution's direct_url.json, PEP 610), or None (not installed, or
+    installed from an index or a wheel). Every `skd` distribution on sys.path is asked, since an egg-info
+    folder in the working directory shadows the installed one."""
+    import json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    for dist in metadata.distributions(name="skd"):
+        try:
+            url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+        except ValueError:
+            continue
+        if url.startswith("file://"):
+            return Path(unquote(urlparse(url).path))
+    return None
+
+
+def glue_dir_candidates() -> list[Path]:
+    """Where the default GLUE folder is looked for, in order (duplicates dropped): ../shared/data/glue beside
+    the imported package, beside the working directory, and beside the folder `skd` was installed from.
+    Inside a `ray job submit` job the first two are Ray's uploaded copy of the working directory, so the
+    installed source folder is what finds the user's checkout."""
+    roots = [REPO_ROOT, Path.cwd(), installed_source_dir()]
+    found: list[Path] = []
+    for root in roots:
+        if root is not None and (path := (root / GLUE_BESIDE).resolve()) not in found:
+            found.append(path)
+    return found
+
 
 Family = Literal["uniform", "teacher-rank", "student-rank", "softmax", "capacity-gaussian", "weights"]
 
@@ -49,7 +83,9 @@ class DataConfig(_Strict):
 
     source: Literal["glue_dir", "hub", "files"] = "glue_dir"
     glue_dir: Path | None = Field(
-        None, description="GLUE-format folder (one sub-folder per task). Default: $GLUE_DIR, then ../shared/data/glue.")
+        None, description="GLUE-format folder (one sub-folder per task). Default: $GLUE_DIR, then the first "
+                    "existing ../shared/data/glue beside the package, the working directory or the skd source "
+                    "folder.")
     hub_dataset: str | None = Field(None, description="`datasets` name for source=hub (GLUE default: nyu-mll/glue).")
     hub_config: str | None = None
     train_file: Path | None = Field(None, description="TSV/CSV training file for source=files.")
@@ -67,12 +103,27 @@ class DataConfig(_Strict):
     shuffle_seed: int = 0
 
     def resolved_glue_dir(self) -> Path:
-        """The GLUE folder in force: `data.glue_dir`, else `$GLUE_DIR`, else ../shared/data/glue."""
+        """The GLUE folder in force: `data.glue_dir`, else `$GLUE_DIR` (both taken as given), else the first
+        existing folder of `glue_dir_candidates()` (../shared/data/glue beside the package, the working
+        directory, or the folder skd was installed from).
+
+        Raises:
+            DataError: data.source is glue_dir and no candidate exists (the message lists them). For other
+                sources the first candidate is returned unchecked (they read no GLUE folder).
+        """
         if self.glue_dir is not None:
             return Path(self.glue_dir).expanduser().resolve()
         if os.environ.get("GLUE_DIR"):
             return Path(os.environ["GLUE_DIR"]).expanduser().resolve()
-        return DEFAULT_GLUE_DIR
+        candidates = glue_dir_candidates()
+        for path in candidates:
+            if path.is_dir():
+                return path
+        if self.source != "glue_dir":
+            return candidates[0]
+        raise DataError(f"no GLUE folder found: tried {', '.join(map(str, candidates))}; set data.glue_dir (or "
+                        f"$GLUE_DIR) to a folder with one sub-folder per task (SST-2/train.tsv, ...), or use "
+                        f"data.source=hub")
 
 
 class TeacherMember(_Strict):
@@ -144,6 +195,11 @@ class TeachersConfig(_Strict):
     knowledge_timeout_s: float | None = Field(
         600.0, gt=0, description="Seconds a knowledge request may take (the first also waits for the teacher to "
                                  "load) before its teacher counts as lost; null: wait forever.")
+    max_concurrency: int = Field(1, ge=1, le=16, description="Forward passes a teacher actor runs at once (requests "
+                                                             "from several students or ranks); more wait in its queue.")
+    pool: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+                             description="Attach to the served teacher pool of this name (`skd teachers serve`) "
+                                         "instead of starting teachers; needs ray.address.")
 
     @field_validator("resources")
     @classmethod
@@ -360,6 +416,9 @@ class SkdConfig(_Strict):
                              f"outputs are {kn.outputs}; use joint, all, progressive or stacked (or outputs: [])")
         if kn.tokens != "all" and kn.num_tokens is None:
             raise ValueError(f"distill.knowledge.num_tokens is required with tokens={kn.tokens}")
+        if self.teachers.pool and not self.ray.address and not os.environ.get("RAY_ADDRESS"):
+            raise ValueError(f"teachers.pool = {self.teachers.pool!r} attaches to a pool served on a running Ray "
+                             f"cluster: set ray.address (auto, or the cluster's address)")
         return self
 
     # Resolved locations -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import ray
@@ -107,9 +108,13 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
     Raises:
         SkdError (ConfigError, DataError, TeacherError, CacheError): bad input, before any Ray resources are taken.
     """
+    began = time.perf_counter()
     plan = plan or make_plan(cfg)
+    timings = {"time/plan_s": time.perf_counter() - began}
     tracking.check_store(cfg.tracking_uri())  # an unreachable store fails here, before any Ray resource
+    began = time.perf_counter()
     with ray_session(cfg.ray):
+        timings["time/ray_start_s"] = time.perf_counter() - began
         own_pool = source is None and plan.uses_teacher_actors
         resources = plan.resources(ray.cluster_resources(), len(plan.active) if own_pool else 0)
         # teachers load while Ray Train starts the student's workers
@@ -125,4 +130,4 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
                                 model_out=plan.student_dir, use_gpu=resources.use_gpu,
                                 figures=_figures(plan), report_to_tune=report_to_tune,
                                 register_as=f"skd-{cfg.task}-student" if register_as == "default" else register_as,
-                                continue_run=continue_run)
+                                continue_run=continue_run, timings=timings)

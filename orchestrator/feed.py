@@ -13,11 +13,18 @@ collective over the data-parallel group), so all ranks drop the same teachers at
 step again from p renormalised over the live teachers (the same generator on every rank, so the same
 teacher), and go on; `average` averages over the live teachers. With no teacher left the feed raises
 `TeachersLostError`, and its state is that of the step before, for a checkpoint to resume from.
+
+An elastic source (a served pool, `actors.served.ServedPool`) changes membership while the run trains:
+each step the feed polls the pool's version without waiting, the ranks agree on the newest version any of
+them saw (in the same collective as the losses), and the change applies to the next step's draw on every
+rank: joining teachers are asked from then on, leaving ones no more, and p is recomputed over the live set
+by the family's rule (`reweigh`). Each applied change is recorded in the pool's directory under the run's
+key as (step, version), so a resumed or restarted worker applies the same versions before the same steps.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -46,8 +53,14 @@ class KnowledgeFeed:
         schedule / ir_fraction: the IR schedule (see `orchestrator.schedule.stage_at`).
         prefetch: request step t+1 when step t's answer arrives (False: request each step only when the
             loop asks for its knowledge, so teacher and student run in turn).
-        agree: teachers this rank found lost at a step -> the union over all data-parallel ranks; called by
-            every rank at every step (a collective). Default: this rank's list (one worker).
+        agree: (teachers this rank found lost at a step, the pool version it saw) -> (the union of the lost
+            teachers, the newest version) over all data-parallel ranks; called by every rank at every step (a
+            collective). Default: this rank's values (one worker).
+        reweigh: (the run's teacher infos [N], live indices) -> [N] p after an elastic source's membership
+            changed (`orchestrator.sampling.Reweigh`); None: renormalise p over the live teachers.
+        key: the run's key for the pool's record of applied changes (the MLflow run id); None: not recorded.
+        widths: teacher hidden sizes the student's projections serve (IR runs); a joining teacher of another
+            width is not asked (logged as "skip"). None: any width.
 
     Raises:
         ConfigError: invalid probabilities (from `TeacherSampler`).
@@ -56,16 +69,23 @@ class KnowledgeFeed:
     def __init__(self, source: KnowledgeSource | None, batches: Callable[[int], dict[str, np.ndarray]], world: int,
                  total: int, strategy: str = "skd", probs: list[float] | None = None, seed: int = 0,
                  request: KnowledgeRequest = KnowledgeRequest(), schedule: str = "none", ir_fraction: float = 0.5,
-                 prefetch: bool = True, agree: Callable[[list[int]], list[int]] | None = None) -> None:
+                 prefetch: bool = True, agree: Callable[[list[int], int], tuple[list[int], int]] | None = None,
+                 reweigh: Callable[[Sequence[Any], list[int]], Sequence[float]] | None = None,
+                 key: str | None = None, widths: Sequence[int] | None = None) -> None:
         self.source, self.batches, self.world, self.total = source, batches, world, total
         self.strategy, self.request, self.prefetch = strategy, request, prefetch
         self.schedule, self.ir_fraction = schedule, ir_fraction
-        self.agree = agree or (lambda lost: lost)
+        self.agree = agree or (lambda lost, seen: (lost, seen))
+        self.elastic = source if getattr(source, "elastic", False) else None
+        self.reweigh, self.key, self.widths = reweigh, key, None if widths is None else set(widths)
+        self.replay: dict[int, int] = {}  # 0-based step -> pool version to apply before its draw (resume)
         self.sampler = TeacherSampler(probs, seed) if source is not None and strategy == "skd" else None
         self.counts = [0] * (len(source.names) if source is not None else 0)  # examples served per teacher
         self._live = list(source.live()) if source is not None else []
+        if self.elastic is not None and self.sampler is not None and reweigh is not None:
+            self.sampler.set_probs(reweigh(source.infos, self._live))  # members the pool no longer serves: 0
         self.lost: dict[int, tuple[int, str]] = {}  # teacher -> (0-based step, reason)
-        self.events: list[tuple[int, int, str]] = []  # (step, teacher, reason) not yet logged; see `drain_events`
+        self.events: list[tuple[int, str, int, str]] = []  # (step, kind, teacher, detail); see `drain_events`
         self._pending: tuple[int, PendingKnowledge] | None = None
         self._sampler_before_pending: dict[str, Any] | None = None
         self._sampler_at_stop: dict[str, Any] | None = None  # set when every teacher is lost
@@ -79,6 +99,16 @@ class KnowledgeFeed:
     def live(self) -> list[int]:
         """Indices of the teachers this run still asks (ascending)."""
         return list(self._live)
+
+    @property
+    def names(self) -> list[str]:
+        """The run's teacher names, [N] (grows when teachers join an elastic source)."""
+        return list(self.source.names) if self.source is not None else []
+
+    @property
+    def probs(self) -> list[float] | None:
+        """The sampling distribution in force, [N] (None without a sampler)."""
+        return None if self.sampler is None else self.sampler.probs.tolist()
 
     def _send(self, step: int) -> None:
         """Draw the teacher for `step` (skd) and send its request for the step's stage, without waiting.
@@ -141,18 +171,20 @@ class KnowledgeFeed:
                 self._stop_at(step)
                 raise
             self._pending = None
-            lost = sorted(set(self.agree(sorted(found))))  # the same on every rank
+            lost, seen = self.agree(sorted(found), self.elastic.poll() if self.elastic else 0)  # same on every rank
             if not lost:
                 break
-            for k in lost:
+            for k in sorted(set(lost)):
                 if k in self._live:
                     reason = found.get(k, "lost on another data-parallel worker")
                     self.lost[k] = (step, reason)
-                    self.events.append((step, k, reason))
+                    self.events.append((step, "lost", k, reason))
                     self._live.remove(k)
         served = len(self.batches(step)["ids"]) * self.world
         for k in ([knowledge.teacher] if knowledge.teacher >= 0 else self._live):
             self.counts[k] += served
+        if self.elastic is not None and step + 1 < self.total:
+            self._follow(step + 1, seen)
         if self.prefetch and step + 1 < self.total:
             self._remember_sampler()
             try:
@@ -161,13 +193,43 @@ class KnowledgeFeed:
                 pass  # raised again, with the checkpoint state, when step + 1 asks for its knowledge
         return knowledge
 
+    def _follow(self, step: int, seen: int) -> None:
+        """Apply the pool version due before 0-based `step`'s draw: a recorded one while replaying a resumed
+        run's changes, else the newest any rank saw. Joining teachers are asked from `step` on (unless their
+        width has no projection), leaving ones no more; p is recomputed over the live set."""
+        due = max(self.replay, default=-1)
+        target = self.replay.get(step) if step <= due else seen
+        if target is None or target <= self.elastic.version:
+            return
+        joined, left = self.elastic.changes(target)
+        self.counts += [0] * (len(self.source.names) - len(self.counts))
+        for k in left:
+            if k in self._live:
+                self._live.remove(k)
+            self.events.append((step, "leave", k, f"pool version {target}"))
+        for k in joined:
+            width = self.source.infos[k].hidden_size
+            if self.widths is not None and width not in self.widths:
+                self.events.append((step, "skip", k, f"pool version {target}: hidden size {width} has no projection "
+                                                     f"in this run (widths {sorted(self.widths)})"))
+                continue
+            self._live = sorted(set(self._live) | {k})
+            self.lost.pop(k, None)
+            self.events.append((step, "join", k, f"pool version {target}"))
+        if self.sampler is not None:
+            p = self.reweigh(self.source.infos, self._live) if self.reweigh else self.sampler.padded(len(self.counts))
+            self.sampler.set_probs(p)
+        if self.key is not None:
+            self.elastic.record(self.key, step, target)
+
     def _stop_at(self, step: int) -> None:
         """Every teacher is lost at `step`: the state to checkpoint is the one before its draw."""
         self._pending = None
         self._sampler_at_stop = self._sampler_before_pending
 
-    def drain_events(self) -> list[tuple[int, int, str]]:
-        """Teacher losses since the last call: (0-based step, teacher index, reason)."""
+    def drain_events(self) -> list[tuple[int, str, int, str]]:
+        """Membership events since the last call: (0-based step, kind, teacher index, detail), kind "lost"
+        (detail: the reason), "join", "leave" or "skip" (an elastic pool's change applied before that step)."""
         events, self.events = self.events, []
         return events
 
@@ -179,10 +241,34 @@ class KnowledgeFeed:
             sampler = self._sampler_at_stop
         elif self.sampler is not None:
             sampler = self._sampler_before_pending if self._pending is not None else self.sampler.state_dict()
-        return {"counts": list(self.counts), "sampler": sampler}
+        state = {"counts": list(self.counts), "sampler": sampler}
+        if self.elastic is not None:  # where the run stands in the pool: version, its teachers, the live ones
+            state["pool"] = {"version": self.elastic.version, "members": list(self.elastic.members),
+                             "live": list(self._live)}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore counts and the sampler's position (a PBT exploit keeps the donor's stream with its own p)."""
+        """Restore counts and the sampler's position (a PBT exploit keeps the donor's stream with its own p);
+        for an elastic source also the pool version, the run's teachers and the live ones (p follows from them
+        by this run's `reweigh`, so an exploited trial keeps its own family settings), and the changes
+        recorded after `state["step"]`, to be applied again at the same steps."""
+        pool = state.get("pool")
+        if self.elastic is not None and pool is not None:
+            self.elastic.restore(pool["version"], pool["members"])
+            self._live = list(pool["live"])
+            if self.sampler is not None:
+                self.sampler.set_probs(self.reweigh(self.source.infos, self._live) if self.reweigh
+                                       else self.sampler.padded(len(self.names)))
+        if self.elastic is not None and self.key is not None:
+            start = int(state.get("step", 0))
+            self.replay = {s: v for s, v in self.elastic.recorded(self.key).items() if s > start}
         self.counts = list(state.get("counts") or self.counts)
+        self.counts += [0] * (len(self.names) - len(self.counts))
         if self.sampler is not None and state.get("sampler") is not None:
             self.sampler.load_state_dict(state["sampler"])
+
+    def start_fresh(self) -> None:
+        """A run starting at step 0 (no checkpoint): replay the changes recorded for its key, if any (a
+        worker restarted before the first checkpoint)."""
+        if self.elastic is not None and self.key is not None:
+            self.replay = self.elastic.recorded(self.key)

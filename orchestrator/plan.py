@@ -129,8 +129,10 @@ class RunPlan:
 
     @property
     def uses_teacher_actors(self) -> bool:
-        """Whether the run needs the teacher pool (some teacher is active and knowledge is not cached)."""
-        return bool(self.active) and self.knowledge is not None and self.knowledge.cache is None
+        """Whether the run starts teacher actors of its own (some teacher is active, knowledge is neither
+        cached nor served by a pool the run attaches to)."""
+        return (bool(self.active) and self.knowledge is not None and self.knowledge.cache is None
+                and not self.cfg.teachers.pool)
 
     def with_student_scores(self, scores: list[float]) -> "RunPlan":
         """The plan with the student-rank distribution computed from pre-pass scores, [N]."""

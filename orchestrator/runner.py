@@ -28,6 +28,7 @@ from orchestrator.config import SkdConfig
 from orchestrator.control import run_interruptible, start_control
 from orchestrator.outputs import check_output, save_model
 from orchestrator.plan import RunPlan
+from orchestrator.sampling import Reweigh
 from orchestrator.spec import KnowledgeSpec, Optimisation, RunSettings, TrainTask, WorkerSpec
 from orchestrator.train_loop import train_loop
 
@@ -46,6 +47,10 @@ class RunResult:
         model_dir: the final `save_pretrained` folder; steps: the last step trained;
         checkpoint: folder of the latest Ray Train checkpoint (None: none).
         interrupted: stopped by SIGINT/SIGTERM on the driver (status KILLED, resumable).
+        timings: where the time went, seconds ({"time/fit_s": Ray Train's fit, controller and worker start
+            included; "time/outputs_s": saving and logging the student and plots; rank 0's "time/setup_s",
+            "time/loop_s", "time/eval_s", "time/report_s", "time/gsnr_s", "time/train_s" of the last Ray
+            Train run; the command adds "time/plan_s" and "time/ray_start_s"}); logged to MLflow.
     """
 
     run_id: str
@@ -60,6 +65,7 @@ class RunResult:
     steps: int = 0
     checkpoint: str | None = None
     interrupted: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _warn_on_failure(client, run_id: str, what: str, action: Callable[[], Any]) -> None:
@@ -86,8 +92,9 @@ def distill_spec(plan: RunPlan, source: KnowledgeSource | None, *, stop_after: i
 
     task = TrainTask(resolve_model(cfg.student.init), cfg.student.num_layers, inputs.tokenizer_init, inputs.spec,
                      ray.put(inputs.train), ray.put(inputs.dev), inputs.pad_id)
+    reweigh = Reweigh(plan.family, d.distribution, plan.probs) if plan.probs is not None else None
     knowledge = None if plan.knowledge is None else KnowledgeSpec(
-        source, plan.strategy, plan.probs, plan.names, plan.knowledge, d.alpha, d.temperature, d.prefetch)
+        source, plan.strategy, plan.probs, plan.names, plan.knowledge, d.alpha, d.temperature, d.prefetch, reweigh)
     run = RunSettings(plan.steps, int(cfg.ray.cpus_per_worker), d.log_every, d.eval_batch_size, d.gsnr_every,
                       d.gsnr_probe_size, stop_after, resume_from, plan.best_teacher_metric)
     return WorkerSpec(task, Optimisation(d.lr, d.batch_size, d.warmup_ratio, d.weight_decay, d.seed), knowledge, run)
@@ -137,9 +144,12 @@ def _summary(run_id: str, run_name: str, result, names: list[str], wall_s: float
         run_id, run_name, "FINISHED" if done else "KILLED",
         dev={k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("dev/") and k != "dev/retention"},
         retention=metrics.get("dev/retention"), wall_s=wall_s, samples_per_s=float(metrics.get("samples_per_s", 0.0)),
-        counts={n: int(metrics[f"teacher_samples/{n}"]) for n in names if f"teacher_samples/{n}" in metrics},
+        counts={n: int(metrics[f"teacher_samples/{n}"])  # the plan's teachers, then any that joined a served pool
+                for n in [*names, *(k.split("/", 1)[1] for k in metrics if k.startswith("teacher_samples/"))]
+                if f"teacher_samples/{n}" in metrics},
         steps=int(metrics.get("step", 0)),
-        checkpoint=result.checkpoint.path if result.checkpoint is not None else None)
+        checkpoint=result.checkpoint.path if result.checkpoint is not None else None,
+        timings={"time/fit_s": wall_s, **{k: float(v) for k, v in metrics.items() if k.startswith("time/")}})
 
 
 def _trainer(cfg: SkdConfig, spec: WorkerSpec, ray_name: str, use_gpu: bool, report_to_tune: bool):
@@ -184,7 +194,8 @@ def _outputs(client, uri: str, out: RunResult, result, model_out: Path,
 def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[str, str], params: dict[str, str],
                  model_out: Path, use_gpu: bool, resume: bool = False,
                  figures: Callable[..., list[Path]] | None = None, register_as: str | None = None,
-                 report_to_tune: bool = False, continue_run: str | None = None) -> RunResult:
+                 report_to_tune: bool = False, continue_run: str | None = None,
+                 timings: dict[str, float] | None = None) -> RunResult:
     """Run one Ray Train job inside one MLflow run.
 
     Args:
@@ -201,6 +212,7 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         report_to_tune: forward every `ray.train.report` to the enclosing Ray Tune trial.
         continue_run: log into this existing MLflow run (a PBT trial's next segment) with a fresh Ray Train
             run, starting from `spec.run.resume_from`; params and tags are not logged again.
+        timings: more `time/*` seconds of the command (plan, Ray start), logged with the run's own.
 
     Returns:
         `RunResult`.
@@ -235,7 +247,10 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
             raise TeachersLostError(f"{lost}. The run stopped with a checkpoint after step {out.steps} (MLflow run "
                                     f"{run_id}, marked FAILED); once the teachers can run again, continue it with "
                                     f"--resume")
+        began = time.perf_counter()
         _outputs(client, uri, out, result, model_out, figures, register_as)
+        out.timings.update({**(timings or {}), "time/outputs_s": time.perf_counter() - began})
+        _warn_on_failure(client, run_id, "timings", lambda: tracking.log_timings(client, run_id, out.timings))
         status = out.status
         return out
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, resumable from the last checkpoint

@@ -1,4 +1,5 @@
-"""Connecting to Ray: a local cluster started (and stopped) by the program, or an existing one."""
+"""Connecting to Ray: a local cluster started (and stopped) by the program, or an existing one (`ray.address`,
+or `$RAY_ADDRESS` as Ray sets it for the driver of a `ray job submit` job)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import os
 from typing import Iterator
 
+from actors.errors import ConfigError
 from orchestrator.config import RayConfig
 
 # Quiet, offline-friendly defaults; users can still override them in their environment.
@@ -24,21 +26,76 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[None]:
-    """Use the Ray already initialised in this process, else connect to `ray.address`, else start a
-    local cluster (token auth off, dashboard off, bound to 127.0.0.1) and shut it down on exit."""
+    """Use the Ray already initialised in this process, else attach to the cluster `attach_address` names
+    (`ray.address`, else a non-empty `$RAY_ADDRESS`, which Ray sets for the driver of a `ray job submit`
+    job) and print one line naming it, else start a local cluster (token auth off, dashboard bound to
+    127.0.0.1; never one found by chance) and shut it down on exit.
+
+    Raises:
+        ConfigError: `$RAY_ADDRESS` is an http(s) URL (a dashboard / job API address, not a cluster).
+    """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
+    address, origin = attach_address(cfg)
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env=_address_for_workers(address))
+        print(f"[skd] attached to the Ray cluster at {_gcs_address(address)} ({origin})", flush=True)
     else:
         start_local_ray(cfg.num_cpus or os.cpu_count())
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def attach_address(cfg: RayConfig) -> tuple[str | None, str]:
+    """The existing cluster to attach to and where that came from: (`ray.address`, "ray.address") for an
+    address other than `auto`; else ($RAY_ADDRESS, "RAY_ADDRESS=...") when that variable is set and non-empty
+    (a Ray job's driver, or a user who exported it; `ray.init` lets it stand for `auto` too); else
+    ("auto", "ray.address") for `ray.address: auto`; else (None, "") for a new local cluster.
+
+    Raises:
+        ConfigError: $RAY_ADDRESS is an http(s) URL: that is the dashboard's job API (what `ray job submit`
+            reads), not a cluster address a driver can attach to.
+    """
+    if cfg.address and cfg.address != "auto":
+        return cfg.address, "ray.address"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if not env:
+        return (cfg.address, "ray.address") if cfg.address else (None, "")
+    if env.startswith(("http://", "https://")):
+        raise ConfigError(f"RAY_ADDRESS={env} is a dashboard (job submission) address, not a Ray cluster to "
+                          f"attach to: set RAY_API_SERVER_ADDRESS for `ray job submit` instead, set ray.address "
+                          f"(auto, or the cluster's host:port), or unset RAY_ADDRESS to start a local cluster")
+    return env, f"RAY_ADDRESS={env}"
+
+
+def _address_for_workers(address: str) -> dict | None:
+    """A runtime_env that gives this job's workers the cluster's address (as `start_local_ray` does), so that
+    Ray Train's placement-group cleaner finds this cluster even when another Ray runs on the same machine.
+    None where `address` is not host:port (auto, ray://...) or the submitted job already sets RAY_ADDRESS
+    for its workers (Ray refuses to merge the same variable twice)."""
+    import json
+
+    if "://" in address or ":" not in address:
+        return None
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by Ray in a job's driver
+    if "RAY_ADDRESS" in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+        return None
+    return {"env_vars": {"RAY_ADDRESS": address}}
+
+
+def _gcs_address(fallback: str) -> str:
+    """The connected cluster's GCS address (host:port), or `fallback` where Ray does not say (Ray Client)."""
+    import ray
+
+    try:
+        return str(ray.get_runtime_context().gcs_address or fallback)
+    except Exception:  # noqa: BLE001  (a Ray Client connection has no GCS address to show)
+        return fallback
 
 
 def free_port() -> int:

@@ -21,8 +21,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from orchestrator.config import DistributionConfig
 from actors.errors import ConfigError
+from actors.manifest import TeacherInfo
+from orchestrator.config import DistributionConfig
 
 
 def rank_probs(scores: Sequence[float], gamma: float) -> np.ndarray:
@@ -146,6 +147,22 @@ class TeacherSampler:
             p = q / q.sum()
         return int(self._rng.choice(len(p), p=p))
 
+    def set_probs(self, probs: Sequence[float]) -> None:
+        """Replace p (an elastic pool's membership changed; N may grow); the generator goes on as it was.
+        All zeros is allowed: the feed then finds no teacher with probability left.
+
+        Raises:
+            ConfigError: negative or non-finite probabilities.
+        """
+        p = np.asarray(probs, dtype=np.float64)
+        if p.ndim != 1 or len(p) == 0 or not np.isfinite(p).all() or (p < 0).any():
+            raise ConfigError(f"sampling probabilities must be finite and >= 0, got {p.tolist()}")
+        self.probs = p / p.sum() if p.sum() > 0 else p
+
+    def padded(self, n: int) -> np.ndarray:
+        """p extended with zeros to n teachers (teachers that joined get no probability)."""
+        return np.concatenate([self.probs, np.zeros(max(0, n - len(self.probs)))])
+
     def mass(self, among: Sequence[int]) -> float:
         """Probability of the teachers `among` under p (0: none of them is ever drawn)."""
         return float(self.probs[list(among)].sum()) if len(among) else 0.0
@@ -156,3 +173,39 @@ class TeacherSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rng.bit_generator.state = state
+
+
+class Reweigh:
+    """The sampling distribution after a served pool's membership changed: p over the live teachers by the
+    family's rule, so a teacher that left takes its mass with it and one that joined gets its share
+    (uniform: 1/N_live each; teacher-rank, softmax, capacity-gaussian: the rule over the live teachers'
+    dev scores or sizes; weights: the configured weight of each live teacher by name). Families with
+    nothing to say about a newcomer (student-rank: no pre-pass score; single:<teacher>) keep the plan's p
+    over the live teachers, renormalised, and give a joining teacher 0.
+
+    Args:
+        family: the plan's family ("uniform", ..., "student-rank", "single").
+        dist: the distribution settings (gamma, tau, eps, weights, ...).
+        base: [N0] the plan's p over the run's first teachers.
+    """
+
+    def __init__(self, family: str, dist: DistributionConfig, base: Sequence[float]) -> None:
+        self.family, self.dist, self.base = family, dist, list(base)
+
+    def __call__(self, infos: Sequence[TeacherInfo], live: Sequence[int]) -> np.ndarray:
+        """[N] p over `infos` (zero outside `live`; all zero when no live teacher may be drawn)."""
+        p = np.zeros(len(infos))
+        live = sorted(live)
+        if not live:
+            return p
+        if self.family in ("student-rank", "single"):
+            base = np.concatenate([self.base, np.zeros(max(0, len(infos) - len(self.base)))])
+            p[live] = base[live]
+            return p / p.sum() if p.sum() > 0 else p
+        chosen = [infos[i] for i in live]
+        try:
+            p[live] = sampling_distribution(self.dist, [t.name for t in chosen], [t.dev_metric for t in chosen],
+                                            [t.parameters for t in chosen])
+        except ConfigError:  # e.g. weights naming none of the live teachers
+            return np.zeros(len(infos))
+        return p

@@ -28,7 +28,8 @@ def start_pool(plan: RunPlan, resources: Resources, active: list[int], wait: boo
                              max_restarts=plan.cfg.teachers.max_restarts,
                              max_task_retries=plan.cfg.teachers.max_task_retries,
                              timeout_s=plan.cfg.teachers.knowledge_timeout_s, device=plan.cfg.teachers.device,
-                             resources=dict(plan.cfg.teachers.resources), strategy=plan.cfg.teachers.placement)
+                             resources=dict(plan.cfg.teachers.resources), strategy=plan.cfg.teachers.placement,
+                             slots=plan.cfg.teachers.max_concurrency)
 
 
 @contextlib.contextmanager
@@ -37,13 +38,14 @@ def open_source(plan: RunPlan, resources: Resources | None = None, active: list[
     """The run's knowledge source for the duration of a `with` block, released on every exit path.
 
     Yields `shared` (a campaign's or comparison's pool; not closed here) when given; None for a plan
-    without knowledge (no-kd); the offline cache's reader when the plan names a cache; else a new teacher
-    pool of `active` teachers (default: the plan's). When the block fails while a new pool's teachers are
-    still loading, a teacher that failed to load is reported instead (it explains the failure best).
+    without knowledge (no-kd); the offline cache's reader when the plan names a cache; the served pool
+    named by `teachers.pool` (attached, left serving); else a new teacher pool of `active` teachers
+    (default: the plan's). When the block fails while a new pool's teachers are still loading, a teacher
+    that failed to load is reported instead (it explains the failure best).
 
     Raises:
         CacheError: the cache cannot be opened or was built for another setup.
-        SkdError: as `start_pool`.
+        SkdError: as `start_pool`; no served pool of that name, or one that lacks the config's teachers.
     """
     if shared is not None or plan.knowledge is None:
         yield shared
@@ -52,6 +54,10 @@ def open_source(plan: RunPlan, resources: Resources | None = None, active: list[
         from actors.cache import CacheReader
 
         source: KnowledgeSource = CacheReader.open(plan.knowledge.cache, plan.knowledge.fingerprint)
+    elif plan.cfg.teachers.pool:
+        from actors.served import ServedPool
+
+        source = ServedPool.attach(plan.cfg.teachers.pool, plan.teachers, plan.cfg.teachers.knowledge_timeout_s)
     else:
         source = start_pool(plan, resources, plan.active if active is None else active, wait=wait)
     try:

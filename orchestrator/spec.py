@@ -62,6 +62,8 @@ class KnowledgeSpec:
         plan: request, IR schedule and weights, teacher widths.
         alpha: weight of the hard-label loss; temperature: T of the KD term (Hinton et al. 2015).
         prefetch: send step t+1's request as soon as step t's answer arrives.
+        reweigh: p after a served pool's membership changed (`orchestrator.sampling.Reweigh`); None: p
+            renormalised over the live teachers.
     """
 
     source: KnowledgeSource
@@ -72,6 +74,7 @@ class KnowledgeSpec:
     alpha: float
     temperature: float
     prefetch: bool = True
+    reweigh: Any = None
 
 
 @dataclass(frozen=True)

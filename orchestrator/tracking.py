@@ -405,6 +405,14 @@ def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], path: Path)
     return path
 
 
+def log_timings(client: MlflowClient, run_id: str, timings: dict[str, float]) -> None:
+    """Log a run's wall-time breakdown (`time/*`, seconds) as metrics in one batch."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(timings.items())])
+
+
 def log_figures(client: MlflowClient, run_id: str, figures: list[Path]) -> None:
     for fig in figures:
         client.log_artifact(run_id, str(fig), artifact_path="plots")

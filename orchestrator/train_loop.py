@@ -46,6 +46,8 @@ class DistillRecipe:
         """Data, trainer, feed, metric logger; resume from Ray Train's latest checkpoint or `resume_from`."""
         from orchestrator.tracking import MetricLogger
 
+        set_up = time.perf_counter()
+        self.spent = {"setup": 0.0, "eval": 0.0, "report": 0.0, "gsnr": 0.0}  # seconds, see `_timings`
         spec, run = self.spec, self.spec.run
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -60,13 +62,14 @@ class DistillRecipe:
         self.feed = KnowledgeFeed(None, self.batches, self.world, run.steps.total) if kn is None else KnowledgeFeed(
             kn.source, self.batches, self.world, run.steps.total, kn.strategy, kn.probs, spec.optim.seed,
             kn.plan.request, kn.plan.schedule, kn.plan.ir_fraction, kn.prefetch,
-            agree=self._agree if self.world > 1 else None)
-        self.names = kn.names if kn is not None else []
+            agree=self._agree if self.world > 1 else None, reweigh=kn.reweigh, key=run.run_id,
+            widths=kn.plan.teacher_widths if kn.plan.request.needs_layers else None)
         self.start = self._resume()
         self.trainer.prepare()
         spill = Path(run.spill_dir) / f"{run.run_id}.jsonl" if run.spill_dir else None
         self.logger = MetricLogger(run.tracking_uri, run.run_id, enabled=self.rank == 0, spill_path=spill)
         self.stop = StopPoller(run.control)
+        self.spent["setup"] = time.perf_counter() - set_up
 
     def _max_over_ranks(self, values: list[int]) -> list[int]:
         """Element-wise maximum of an int vector over the data-parallel ranks (one all-reduce over the worker
@@ -77,11 +80,17 @@ class DistillRecipe:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 
-    def _agree(self, lost: list[int]) -> list[int]:
-        """The union over data-parallel ranks of the teachers each found lost at this step (an [N] flag
-        vector through `_max_over_ranks`; every rank calls it every step)."""
-        flags = self._max_over_ranks([int(k in lost) for k in range(len(self.names))])
-        return [k for k, flag in enumerate(flags) if flag]
+    @property
+    def names(self) -> list[str]:
+        """The run's teacher names, [N] (grows when teachers join a served pool)."""
+        return self.feed.names
+
+    def _agree(self, lost: list[int], seen: int) -> tuple[list[int], int]:
+        """The union over data-parallel ranks of the teachers each found lost at this step, and the newest
+        pool version any rank saw (an [N + 1] vector through `_max_over_ranks`; every rank calls it every
+        step, with the same N since every rank applies the same pool versions at the same steps)."""
+        values = self._max_over_ranks([int(k in lost) for k in range(len(self.names))] + [seen])
+        return [k for k, flag in enumerate(values[:-1]) if flag], values[-1]
 
     def _resume(self) -> int:
         """The first step to train: 0, or the step of Ray Train's latest (else the explicit) checkpoint."""
@@ -89,6 +98,7 @@ class DistillRecipe:
         if checkpoint is None and self.spec.run.resume_from:
             checkpoint = ray.train.Checkpoint.from_directory(self.spec.run.resume_from)
         if checkpoint is None:
+            self.feed.start_fresh()
             return 0
         with checkpoint.as_directory() as path:
             state = self.trainer.load(Path(path))
@@ -110,11 +120,11 @@ class DistillRecipe:
             try:
                 knowledge = self.feed.next_knowledge(step)  # waits for it, then sends step+1's request
             except TeachersLostError as exc:  # every rank at the same step: checkpoint, tell the driver, end
-                self._log_losses(step)
+                self._log_changes()
                 self._report(step, checkpoint=step not in self.spec.run.steps.checkpoints,
                              extra={"teachers_lost": str(exc)}, evaluate=False)  # `step` may be reported already
                 return
-            self._log_losses(step)
+            self._log_changes()
             terms = self.trainer.update(batch, out, knowledge, stage)
             done = step + 1
             self.samples += len(batch["ids"]) * self.world
@@ -144,16 +154,32 @@ class DistillRecipe:
             stop = bool(self._max_over_ranks([int(stop)])[0])
         return stop
 
-    def _log_losses(self, step: int) -> None:
-        """Teachers lost at this 0-based step: a progress line, the `teachers/alive` metric and one run tag
-        per teacher (`skd.teacher_lost.<name>` = "step S: reason"), from rank 0."""
-        for lost_at, k, reason in self.feed.drain_events():
-            if self.rank == 0:
-                left = ", ".join(self.names[i] for i in self.feed.live())
-                print(f"[skd] teacher {self.names[k]} lost at step {lost_at + 1} ({reason}); going on with {left}",
-                      flush=True)
-                self.logger.log({"teachers/alive": len(self.feed.live())}, lost_at + 1)  # 1-based, as train/*
-                self.logger.set_tag(f"skd.teacher_lost.{self.names[k]}", f"step {lost_at + 1}: {reason}")
+    def _log_changes(self) -> None:
+        """The feed's membership events, from rank 0: a progress line, `teachers/alive` and, for a served
+        pool's changes, `pool/version` and the new p (`sampler/p/<name>`) at the 1-based step they apply to,
+        and one run tag per teacher and event (`skd.teacher_lost.<name>` = "step S: reason",
+        `skd.pool.<join|leave|skip>.<name>` = "step S: pool version V"). Joining teachers' widths reach
+        the trainer (IR losses pick the projection by width)."""
+        events = self.feed.drain_events()
+        if self.feed.elastic is not None and events:
+            self.trainer.teacher_widths = [t.hidden_size for t in self.feed.source.infos]
+        if self.rank != 0:
+            return
+        for at, kind, k, detail in events:
+            left = ", ".join(self.names[i] for i in self.feed.live())
+            what = {"lost": "lost", "join": "joined", "leave": "left", "skip": "not asked"}[kind]
+            print(f"[skd] teacher {self.names[k]} {what} at step {at + 1} ({detail}); teachers: {left}", flush=True)
+            tag = f"skd.teacher_lost.{self.names[k]}" if kind == "lost" else f"skd.pool.{kind}.{self.names[k]}"
+            self.logger.set_tag(tag, f"step {at + 1}: {detail}")
+            self.logger.log({"teachers/alive": len(self.feed.live()), **self._pool_metrics()}, at + 1)
+
+    def _pool_metrics(self) -> dict[str, float]:
+        """{"pool/version", "sampler/p/<name>"} for a served pool's run ({} otherwise)."""
+        if self.feed.elastic is None:
+            return {}
+        probs = self.feed.probs or []
+        return {"pool/version": self.feed.elastic.version,
+                **{f"sampler/p/{n}": p for n, p in zip(self.names, probs)}}
 
     def _log(self, step: int, terms: dict[str, torch.Tensor], knowledge: Knowledge | None, served: int) -> None:
         """Per-step metrics (buffered); every `log_every` steps the window's rate, counts and a progress line."""
@@ -169,7 +195,7 @@ class DistillRecipe:
             return
         elapsed = time.perf_counter() - start
         rate = (n + served) / max(elapsed, 1e-9)
-        self.logger.log({"train/samples_per_s": rate, **self._teacher_samples(),
+        self.logger.log({"train/samples_per_s": rate, **self._teacher_samples(), **self._pool_metrics(),
                          **({"teachers/alive": len(self.feed.live())} if self.names else {})}, step)
         self.logger.flush()
         if self.rank == 0:
@@ -193,6 +219,7 @@ class DistillRecipe:
                                      "wall_s": seconds, "samples": self.samples,
                                      "samples_per_s": self.samples / max(seconds, 1e-9),
                                      **self._teacher_samples(), **(extra or {})}
+        began = time.perf_counter()
         if evaluate and step in run.steps.evals and self.rank == 0:
             dev = {f"dev/{k}": v for k, v in self.trainer.evaluate(self.dev_data, run.eval_batch_size).items()}
             if run.best_teacher_metric:
@@ -201,14 +228,28 @@ class DistillRecipe:
             self.logger.log(dev, step)
             self.logger.flush()
             print(f"[skd] eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in dev.items()), flush=True)
+        self.spent["eval"] += time.perf_counter() - began
         if evaluate and run.gsnr_every and step % run.gsnr_every == 0:
             self._probe_gsnr(step)
+        metrics.update(self._timings(time.perf_counter() - self.started))  # this report's evaluation included
+        began = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if checkpoint and self.rank == 0:
                 self.trainer.save(Path(tmp), {"step": step, **self.feed.state_dict()})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
+        self.spent["report"] += time.perf_counter() - began
+
+    def _timings(self, loop_s: float) -> dict[str, float]:
+        """Where this worker's time went (seconds, rank 0's reach the driver and MLflow as `time/*`): set-up
+        (model, data, resume), the step loop so far (`loop_s`), its evaluations, reports (checkpoint writes
+        and Ray Train's report), GSNR probes, and `train_s` = the loop without them (the training time of
+        the throughput `samples / train_s`)."""
+        s = self.spent
+        return {"time/setup_s": s["setup"], "time/loop_s": loop_s, "time/eval_s": s["eval"],
+                "time/report_s": s["report"], "time/gsnr_s": s["gsnr"],
+                "time/train_s": loop_s - s["eval"] - s["report"] - s["gsnr"]}
 
     def _probe_gsnr(self, step: int) -> None:
         """GSNR of the student on a fixed probe batch (Liu et al. ICLR 2020), rank 0, logged with its cost (s)."""
@@ -221,6 +262,7 @@ class DistillRecipe:
         probe = self.train_data.batch(np.arange(min(run.gsnr_probe_size, len(self.train_data))), task.pad_id)
         stats = probe_gsnr(self.trainer.core, probe, task.spec.is_regression, self.trainer.device)
         self.logger.log({**stats, "gsnr/seconds": time.perf_counter() - t0}, step)
+        self.spent["gsnr"] += time.perf_counter() - t0
 
     def cleanup(self) -> None:
         """Send every buffered metric (waiting for a tracking store that is down, see `MetricLogger.close`)."""

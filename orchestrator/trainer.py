@@ -76,6 +76,7 @@ class StudentTrainer:
         self.model = load_classifier(task.model_init, task.spec.num_labels, task.num_layers, task.spec.is_regression,
                                      attn_implementation="eager" if "attentions" in outputs else None)
         self.projection = None
+        self.teacher_widths = list(kn.plan.teacher_widths) if kn is not None else []  # [N] D_t; grows with joins
         if outputs & {"hidden", "cls"}:
             self.projection = HiddenProjection(request.student_layers, self.model.config.hidden_size,
                                                list(kn.plan.teacher_widths)).to(device)
@@ -167,7 +168,7 @@ class StudentTrainer:
             terms = {"loss": zero, "loss_hard": zero.detach(), "loss_kd": zero.detach()}
         if stage.layers and knowledge is not None:
             mask = torch.as_tensor(batch["attention_mask"], device=self.device)  # [B, L]
-            width = kn.plan.teacher_widths[knowledge.teacher] if kn.plan.teacher_widths else 0
+            width = self.teacher_widths[knowledge.teacher] if self.teacher_widths else 0
             extra = ir_loss_terms(out, knowledge, stage, self.projection, width, mask)
             terms.update({f"loss_{k}": v for k, v in extra.items()})
             terms["loss"] = terms["loss"] + sum(kn.plan.weights.get(k, 1.0) * v for k, v in extra.items())

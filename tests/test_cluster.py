@@ -8,6 +8,8 @@ attaching to it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
@@ -19,9 +21,9 @@ from orchestrator.config_load import load_config
 from orchestrator.distill import run_distill
 from orchestrator.plan import make_plan
 from orchestrator.sources import start_pool
-from orchestrator.teachers import prepare_teachers
 from tests.conftest import tiny_raw
 from tests.faultkit import start_mlflow_server, stop
+from tests.tiny import make_tiny_teachers
 
 TEACHER_NODE = {"num_cpus": 1, "num_gpus": 1, "resources": {"skd-teacher": 1}}
 STUDENT_NODE = {"num_cpus": 2, "resources": {"skd-student": 1}}
@@ -44,13 +46,15 @@ def cluster(tiny_model, tmp_path_factory):
     server = start_mlflow_server(port, tmp / "mlflow")
     uri = f"http://127.0.0.1:{port}"
 
-    def cfg(*overrides: str):
-        # the nodes declare GPUs this machine lacks: students and fine-tuning train on CPU (gloo, not NCCL)
-        return load_config(None, [f"mlflow.tracking_uri={uri}", "teachers.finetune.cpus_per_worker=1",
-                                  "ray.use_gpu=false", *overrides], base=tiny_raw(tmp, tiny_model))
+    section = {}
 
-    try:
-        prepare_teachers(cfg())  # fine-tuned on whichever node has room
+    def cfg(*overrides: str):
+        # the nodes declare GPUs this machine lacks: students train on CPU (gloo, not NCCL)
+        return load_config(None, [f"mlflow.tracking_uri={uri}", "teachers.finetune.cpus_per_worker=1",
+                                  "ray.use_gpu=false", *overrides], base=tiny_raw(tmp, tiny_model, teachers=section))
+
+    try:  # untrained tiny teachers, as if prepared (placement and serving are what is tested here)
+        section.update(make_tiny_teachers(tmp / "teachers", {"t4": (4, 32, 2), "t2": (2, 32, 2)})[1])
         yield {"cfg": cfg, "address": nodes.address, "teacher_nodes": {n.node_id for n in teacher_nodes},
                "client": MlflowClient(uri), "tmp": tmp}
     finally:
@@ -69,6 +73,20 @@ def test_teachers_run_one_per_teacher_node_on_what_torch_sees(cluster):
         pool.close()
     assert len({s["node"] for s in stats}) == 2 and {s["node"] for s in stats} == cluster["teacher_nodes"]
     assert {s["device"] for s in stats} == {"cpu"}  # the nodes declare a GPU; torch sees none, so CPU
+
+
+def test_a_served_pool_places_its_teachers_one_per_teacher_node_and_stops(cluster):
+    from actors.served import pool_names
+    from orchestrator import serving
+
+    cfg = cluster["cfg"](*ON_NODES, "teachers.pool=nodes", f"ray.address={cluster['address']}")
+    (teachers,) = [p["teachers"] for p in [serving.serve(cfg)]]
+    try:
+        nodes = {t["node"].split("(")[1].rstrip(")") for t in teachers}
+        assert {n[:8] for n in cluster["teacher_nodes"]} == nodes and {t["device"] for t in teachers} == {"cpu"}
+    finally:
+        assert sorted(serving.stop("nodes")) == ["t2", "t4"]
+    assert "nodes" not in pool_names()
 
 
 def test_a_plan_the_cluster_cannot_hold_is_refused_before_anything_starts(cluster):
@@ -99,13 +117,16 @@ def test_a_distill_run_spread_over_the_nodes_logs_to_the_mlflow_server(cluster):
     artifacts = {a.path for a in client.list_artifacts(out.run_id)} | {
         a.path for a in client.list_artifacts(out.run_id, "plots")}
     assert "plots/learning_curves.png" in artifacts and run.info.artifact_uri.startswith("mlflow-artifacts:")
+    # the worker on the student node wrote Ray Train's checkpoint under ray.storage_path, shared by every node
+    storage = cluster["cfg"]().storage_path()
+    assert out.checkpoint and Path(out.checkpoint).is_relative_to(storage)
+    assert (Path(out.checkpoint) / "trainer_state.json").is_file()
 
 
 def test_skd_without_ray_address_starts_its_own_ray_beside_this_one_and_attaches_only_when_told(cluster):
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
     import yaml
 

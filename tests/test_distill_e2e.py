@@ -92,6 +92,13 @@ def test_distill_skd_logs_everything_and_saves_a_loadable_student(env, weights_r
     assert model.config.num_hidden_layers == 1
     logged = client.search_logged_models([env["exp"]], filter_string=f"source_run_id = '{res.run_id}'")
     assert len(logged) == 1
+    # the wall-time breakdown: the loop is training plus its 2 evaluations and reports; logged to MLflow
+    t = res.timings
+    assert t["time/eval_s"] > 0 and t["time/report_s"] > 0 and t["time/setup_s"] > 0 and t["time/train_s"] > 0
+    assert t["time/train_s"] + t["time/eval_s"] + t["time/report_s"] == pytest.approx(t["time/loop_s"])
+    assert t["time/fit_s"] > t["time/loop_s"] and t["time/plan_s"] > 0 and t["time/outputs_s"] > 0
+    assert {k: pytest.approx(v) for k, v in t.items()} == {k: v for k, v in run.data.metrics.items()
+                                                            if k.startswith("time/")}
 
 
 def test_resume_reproduces_the_teacher_sequence_and_losses(env, weights_run):

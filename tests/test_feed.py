@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -124,7 +126,7 @@ def test_a_lost_teacher_is_dropped_and_p_renormalised_over_the_rest():
         want.append(t)
     assert lost_at is not None and served == want
     assert f.live() == [1, 2] and f.lost == {0: (lost_at, "killed by the test")}
-    assert f.drain_events() == [(lost_at, 0, "killed by the test")] and f.drain_events() == []
+    assert f.drain_events() == [(lost_at, "lost", 0, "killed by the test")] and f.drain_events() == []
     assert f.counts[0] == 8 * served[:lost_at].count(0) and sum(f.counts) == 8 * 12  # every step served once
 
 
@@ -135,17 +137,23 @@ class Union:
         import threading
 
         self.found: set[int] = set()
+        self.seen = [0]
         self.lock = threading.Lock()
         self.gather = threading.Barrier(ranks)
-        self.reset = threading.Barrier(ranks, action=self.found.clear)
+        self.reset = threading.Barrier(ranks, action=self._clear)
 
-    def __call__(self, lost: list[int]) -> list[int]:
+    def _clear(self) -> None:
+        self.found.clear()
+        self.seen[0] = 0
+
+    def __call__(self, lost: list[int], seen: int) -> tuple[list[int], int]:
         with self.lock:
             self.found.update(lost)
+            self.seen[0] = max(self.seen[0], seen)
         self.gather.wait(timeout=10)
-        union = sorted(self.found)
+        union, newest = sorted(self.found), self.seen[0]
         self.reset.wait(timeout=10)
-        return union
+        return union, newest
 
 
 def test_ranks_drop_the_same_teacher_at_the_same_step_when_only_one_saw_it_die():
@@ -204,3 +212,95 @@ def test_teachers_left_with_zero_probability_count_as_none_left():
     with pytest.raises(TeachersLostError, match="have sampling probability 0"):
         f.next_knowledge(1)
         f.next_knowledge(2)
+
+
+# A served pool that changes while the run trains (fakes.FakeElastic follows actors.served.ServedPool's rules)
+
+def Elastic(versions: list[list[int]], n: int = 3) -> fakes.FakeElastic:
+    return fakes.FakeElastic([fakes.FakeInfo(f"t{i}") for i in range(n)], versions,
+                             lambda k, batch, request: Knowledge(k, np.full((batch.size, 2), k + 1.0, np.float32), 0.0),
+                             lambda kind, k, batch, request: (kind, k, int(batch.ids[0]), request))
+
+
+def uniform(live: list[int], n: int) -> list[float]:
+    return [1.0 / len(live) if k in live else 0.0 for k in range(n)]
+
+
+def elastic_feed(source, **kw) -> KnowledgeFeed:
+    from orchestrator.config import DistributionConfig
+    from orchestrator.sampling import Reweigh
+
+    args = dict(world=1, total=16, strategy="skd", probs=[0.5, 0.5], seed=3, key="run-1",
+                reweigh=Reweigh("uniform", DistributionConfig(), [0.5, 0.5]))
+    args.update(kw)
+    return KnowledgeFeed(source, batches, **args)
+
+
+def reference(changes: dict[int, list[int]], n_steps: int, seed: int = 3) -> list[int]:
+    """The teachers an uninterrupted run draws when p becomes uniform over `changes[s]` before 0-based step s."""
+    sampler, out, live = TeacherSampler([0.5, 0.5], seed), [], [0, 1]
+    for s in range(n_steps):
+        if s in changes:
+            live = changes[s]
+            sampler.set_probs(uniform(live, max(max(live) + 1, 2)))
+        out.append(sampler.draw(live))
+    return out
+
+
+def test_a_teacher_that_joins_gets_its_share_and_one_that_leaves_takes_its_mass_away():
+    source = Elastic([[0, 1], [0, 1, 2], [1, 2]])
+    f = elastic_feed(source)
+    got = [f.next_knowledge(s).teacher for s in range(4)]  # step 4 is already asked (prefetch)
+    source.published = 1  # t2 joins: seen at step 4's agreement, so step 5 is the first drawn with it
+    got += [f.next_knowledge(s).teacher for s in range(4, 9)]
+    assert f.probs == pytest.approx([1 / 3] * 3) and f.names == ["t0", "t1", "t2"] and f.live() == [0, 1, 2]
+    source.published = 2  # t0 leaves before step 10
+    got += [f.next_knowledge(s).teacher for s in range(9, 16)]
+    assert got == reference({5: [0, 1, 2], 10: [1, 2]}, 16)
+    assert 2 in got[5:10] and 0 not in got[10:]
+    assert f.probs == pytest.approx([0.0, 0.5, 0.5]) and f.live() == [1, 2]
+    assert [(s, kind, k) for s, kind, k, _ in f.drain_events()] == [(5, "join", 2), (10, "leave", 0)]
+    assert source.records == {"run-1": {5: 1, 10: 2}}  # for a resumed run to apply them at the same steps
+    assert f.counts[2] == 4 * got.count(2) and sum(f.counts) == 4 * 16
+
+
+def test_ranks_apply_a_change_at_the_same_step_when_they_see_it_at_different_steps():
+    from concurrent.futures import ThreadPoolExecutor
+
+    agree = Union(2)
+    sources = [Elastic([[0, 1], [0, 1, 2]]), Elastic([[0, 1], [0, 1, 2]])]
+
+    def run(rank: int) -> list[int]:
+        f = elastic_feed(sources[rank], agree=agree)
+        out = []
+        for s in range(16):
+            if s == (3 if rank == 0 else 9):  # the directory's answer reaches rank 1 much later
+                sources[rank].published = 1
+            out.append(f.next_knowledge(s).teacher)
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(run, [0, 1]))
+    assert got[0] == got[1] == reference({4: [0, 1, 2]}, 16)
+    assert sources[0].records == sources[1].records == {"run-1": {4: 1}}
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_resumed_run_applies_recorded_changes_at_their_steps_not_when_it_polls(prefetch):
+    source = Elastic([[0, 1], [0, 1, 2]])
+    f = elastic_feed(source, prefetch=prefetch)
+    got, state = [], None
+    for s in range(16):
+        if s == 3:
+            state = {"step": 3, **f.state_dict()}  # the checkpoint after 3 steps
+        if s == 6:
+            source.published = 1
+        got.append(f.next_knowledge(s).teacher)
+    joined_at = next(s for s, kind, k, _ in f.drain_events() if kind == "join")
+    assert joined_at == 7 and got == reference({7: [0, 1, 2]}, 16)
+    resumed_source = Elastic([[0, 1], [0, 1, 2]])
+    resumed_source.published, resumed_source.version, resumed_source.records = 1, 1, source.records  # attached later
+    resumed = elastic_feed(resumed_source, prefetch=prefetch)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # checkpoints hold JSON
+    assert resumed.names == ["t0", "t1"] and resumed.replay == {7: 1}
+    assert [resumed.next_knowledge(s).teacher for s in range(3, 16)] == got[3:]

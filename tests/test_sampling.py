@@ -87,3 +87,28 @@ def test_sampler_state_round_trip_reproduces_sequence():
     b = TeacherSampler([0.2, 0.5, 0.3], seed=999)
     b.load_state_dict(state)
     assert [b.draw() for _ in range(50)] == expected
+
+
+def _infos(scores: list[float]):
+    from tests.fakes import FakeInfo
+
+    return [FakeInfo(f"t{i}", dev_metric=s, parameters=10 ** (i + 3)) for i, s in enumerate(scores)]
+
+
+@pytest.mark.parametrize("family, settings, live, want", [
+    ("uniform", {}, [0, 1, 2], [1 / 3, 1 / 3, 1 / 3]),  # a joiner gets its share
+    ("uniform", {}, [1, 2], [0.0, 0.5, 0.5]),  # a teacher that left takes its mass away
+    ("teacher-rank", {"gamma": 1.0}, [0, 2], [1 / 3, 0.0, 2 / 3]),  # ranks over the live teachers (0.7 < 0.9)
+    ("weights", {"weights": {"t0": 1.0, "t2": 3.0}}, [0, 1, 2], [0.25, 0.0, 0.75]),  # t1 has no weight
+    ("weights", {"weights": {"t1": 1.0}}, [0, 2], [0.0, 0.0, 0.0]),  # nothing left to draw: the feed stops
+    ("student-rank", {}, [0, 1, 2], [0.4, 0.6, 0.0]),  # no pre-pass score for a joiner: 0
+    ("single", {}, [1, 2], [0.0, 1.0, 0.0]),
+])
+def test_reweigh_follows_the_family_rule_over_the_live_teachers(family, settings, live, want):
+    from orchestrator.config import DistributionConfig
+    from orchestrator.sampling import Reweigh
+
+    base = {"student-rank": [0.4, 0.6], "single": [0.0, 1.0]}.get(family, [0.5, 0.5])
+    p = Reweigh(family, DistributionConfig(family="uniform" if family in ("student-rank", "single") else family,
+                                           **settings), base)(_infos([0.7, 0.8, 0.9]), live)
+    assert p == pytest.approx(want)

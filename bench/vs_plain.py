@@ -1,0 +1,94 @@
+"""`skd distill` against the plain in-process script (`bench/plain_kd.py`), side by side in one run.
+
+Run:  python bench/vs_plain.py -c configs/sst2.yaml [--set key=value ...] [--threads 2]
+
+Both do SKD with a uniform distribution over the config's teachers (prepared: `skd teachers prepare`),
+the same data, student, steps, evaluations and final save. Run nothing else on the machine meanwhile.
+For each: the whole command's wall time (process start to exit: imports, Ray, teacher loading, MLflow,
+saving), the step loop's time with and without evaluations and checkpoints, and the training throughput
+= total samples / step-loop seconds. Targets (#12): skd's training throughput >= 1.1x the plain script's,
+and skd's whole command <= 1.1x the plain script's. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    """Run a command (output passed through), return (wall seconds, stdout).
+
+    Raises:
+        RuntimeError: it failed (its output's end is in the message).
+    """
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stdout[-2000:]} {proc.stderr[-3000:]}")
+    return wall, proc.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-c", "--config", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the plain script")
+    args = ap.parse_args()
+
+    from mlflow.tracking import MlflowClient
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.config_load import load_config
+
+    sets = [*args.overrides, "distill.strategy=skd", "distill.distribution.family=uniform"]
+    cfg = load_config(args.config, sets)
+    bindir = Path(sys.executable).parent
+    stamp = time.strftime("%H%M%S")
+
+    wall_plain, out = timed([sys.executable, "bench/plain_kd.py", "-c", args.config, "--threads", str(args.threads),
+                             *[a for s in sets for a in ("--set", s)]])
+    plain = json.loads(out.strip().splitlines()[-1])
+    name = f"vs-plain-{stamp}"
+    wall_skd, _ = timed([str(bindir / "skd"), "distill", "-c", args.config, *[a for s in sets for a in ("--set", s)],
+                         "--set", f"mlflow.run_name={name}"])
+    client = MlflowClient(cfg.tracking_uri())
+    exp = client.get_experiment_by_name(cfg.experiment_name())
+    run = client.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{name}'", max_results=1)[0]
+    m = run.data.metrics
+    metric = f"dev/{next(iter(plain['dev']))}" if plain["dev"] else None
+
+    samples = int(sum(v for k, v in m.items() if k.startswith("teacher_samples/")))  # SKD: every step once
+    skd = {"wall_s": round(wall_skd, 2), "loop_s": round(m["time/loop_s"], 2), "train_s": round(m["time/train_s"], 2),
+           "samples": samples, "samples_per_s": round(samples / m["time/train_s"], 2), "dev": m.get(metric),
+           "run_id": run.info.run_id, "timings": {k: round(v, 2) for k, v in m.items() if k.startswith("time/")}}
+    plain_row = {"wall_s": round(wall_plain, 2), "loop_s": round(plain["train_s"] + plain["eval_s"], 2),
+                 "train_s": plain["train_s"], "samples": plain["samples"], "samples_per_s": plain["samples_per_s"],
+                 "dev": next(iter(plain["dev"].values()), None)}
+    ratios = {"train_throughput_skd_over_plain": round(skd["samples_per_s"] / plain_row["samples_per_s"], 3),
+              "wall_skd_over_plain": round(skd["wall_s"] / plain_row["wall_s"], 3)}
+    table = Table(title=f"skd distill vs the plain script: {cfg.task}, {plain['steps']} steps of "
+                        f"{cfg.distill.batch_size}, teachers {', '.join(plain['teachers'])}")
+    for col in ("run", "whole command s", "step loop s (with evals)", "training s", "samples/s (training)", "dev"):
+        table.add_column(col, justify="right")
+    for label, r in ((f"plain script, {args.threads} threads, in turn", plain_row), ("skd distill", skd)):
+        table.add_row(label, f"{r['wall_s']:.1f}", f"{r['loop_s']:.1f}", f"{r['train_s']:.1f}",
+                      f"{r['samples_per_s']:.1f}", "-" if r["dev"] is None else f"{r['dev']:.4f}")
+    table.add_row("skd / plain  [targets: samples/s >= 1.1, whole <= 1.1]", f"{ratios['wall_skd_over_plain']:.3f}",
+                  "", "", f"{ratios['train_throughput_skd_over_plain']:.3f}", "")
+    Console(width=150).print(table)
+    print(json.dumps({"bench": "vs_plain", "config": args.config, "overrides": args.overrides, "plain": plain_row,
+                      "skd": skd, **ratios}))
+
+
+if __name__ == "__main__":
+    main()
