@@ -104,6 +104,9 @@ class PoolDirectory:
         Raises:
             ValueError: a name already serving, or a name the pool served before with another checkpoint.
         """
+        names = [t.name for t in infos]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teachers named twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
         by_name = {t.name: i for i, t in enumerate(self.infos)}
         for info in infos:
             i = by_name.get(info.name)
@@ -126,6 +129,7 @@ class PoolDirectory:
         Raises:
             ValueError: a name that does not serve in this pool.
         """
+        names = list(dict.fromkeys(names))
         by_name = {self.infos[i].name: i for i in self.handles}
         unknown = [n for n in names if n not in by_name]
         if unknown:
@@ -190,14 +194,15 @@ class ServedPool:
         self._seen = view.version
 
     @classmethod
-    def attach(cls, pool: str, teachers: list[TeacherInfo], timeout_s: float | None = None) -> "ServedPool":
+    def attach(cls, pool: str, teachers: list[TeacherInfo], timeout_s: float | None = None,
+               resuming: bool = False) -> "ServedPool":
         """Attach to a served pool that has served every one of `teachers` (the config's, from its manifest)
-        and serves at least one of them now; members removed from the pool start as not live (a resumed run
-        restores its own view from its checkpoint).
+        and (unless `resuming`: the checkpoint then says which teachers the run follows) serves at least one
+        of them now; members removed from the pool start as not live.
 
         Raises:
             SkdError: no such pool; a teacher it never served (or served from another checkpoint); none of
-                them serving now.
+                them serving now (a new run).
         """
         directory = get_directory(pool)
         view: PoolView = ray.get(directory.view.remote())
@@ -215,7 +220,7 @@ class ServedPool:
                                f"manifest says {t.checkpoint}; use the pool's config or another teacher name")
             members.append(i)
         absent = [t.name for t, i in zip(teachers, members) if i not in view.live]
-        if len(absent) == len(teachers):
+        if len(absent) == len(teachers) and not resuming:
             raise SkdError(f"teacher pool {pool!r} serves none of {', '.join(absent)} now (it serves "
                            f"{', '.join(serving) or 'nothing'}); `skd teachers add -c CONFIG {' '.join(absent)}`")
         print(f"[skd] attached to teacher pool {pool!r} (version {view.version}): "
@@ -263,27 +268,41 @@ class ServedPool:
                               self.timeout_s)
 
     def poll(self) -> int:
-        """The newest membership version seen so far, without waiting (one directory call in flight)."""
+        """The newest membership version seen so far, without waiting (one directory call in flight). A
+        directory that is gone (`skd teachers stop`) changes nothing: its teachers then fail as lost ones."""
         if self._poll is None:
             self._poll = self.directory.version.remote()
         ready, _ = ray.wait([self._poll], timeout=0)
         if ready:
-            self._seen, self._poll = max(self._seen, int(ray.get(self._poll))), None
+            try:
+                self._seen = max(self._seen, int(ray.get(self._poll)))
+            except ray.exceptions.RayError:
+                pass
+            self._poll = None
         return self._seen
+
+    def latest(self) -> int:
+        """The newest membership version, asked now (blocking); the current one if the directory is gone."""
+        try:
+            return max(self.version, int(ray.get(self.directory.version.remote())))
+        except ray.exceptions.RayError:
+            return self.version
 
     def changes(self, version: int) -> tuple[list[int], list[int]]:
         """Follow the pool to `version` (blocking; the same result in every copy that follows it from the same
-        version). Teachers live at `version` but not at the current one join (appended to the run's
-        catalogue unless it holds them already); run teachers live now and not at `version` leave.
+        version). Teachers live at `version` but not at the current one, or served by another actor (removed
+        and added again), join (appended to the run's catalogue unless it holds them already); run teachers
+        live now and not at `version` leave.
 
         Returns:
             (joined, left): run indices.
         """
         new: PoolView = ray.get(self.directory.view.remote(version))
         old = set(self.view.live)
+        actor = {i: h._actor_id for i, h in self.view.handles.items()}
         joined = []
-        for i in new.live:
-            if i not in old:
+        for i in new.live:  # new to the pool, or removed and added again (a new actor) since the current version
+            if i not in old or new.handles[i]._actor_id != actor.get(i):
                 if i not in self.members:
                     self.members.append(i)
                 joined.append(self.members.index(i))
@@ -302,8 +321,11 @@ class ServedPool:
         self.directory.record.remote(key, step, version)
 
     def recorded(self, key: str) -> dict[int, int]:
-        """{0-based step: version} the directory holds for run `key` (blocking)."""
-        return {int(s): int(v) for s, v in ray.get(self.directory.recorded.remote(key)).items()}
+        """{0-based step: version} the directory holds for run `key` (blocking; {} if the directory is gone)."""
+        try:
+            return {int(s): int(v) for s, v in ray.get(self.directory.recorded.remote(key)).items()}
+        except ray.exceptions.RayError:
+            return {}
 
     def close(self) -> None:
         """Nothing to release: the pool serves on (`skd teachers stop` removes it)."""

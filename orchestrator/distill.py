@@ -118,7 +118,8 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
         own_pool = source is None and plan.uses_teacher_actors
         resources = plan.resources(ray.cluster_resources(), len(plan.active) if own_pool else 0)
         # teachers load while Ray Train starts the student's workers
-        with open_source(plan, resources, shared=source, wait=False) as knowledge:
+        with open_source(plan, resources, shared=source, wait=False,
+                         resuming=resume or resume_from is not None) as knowledge:
             if plan.family == "student-rank":
                 plan = plan.with_student_scores(student_scores or student_rank_scores(plan, knowledge, resources))
             params = flatten(cfg)

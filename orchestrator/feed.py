@@ -117,7 +117,7 @@ class KnowledgeFeed:
             TeachersLostError: no live teacher left (or none with probability > 0).
         """
         live = self._live
-        if not live or (self.sampler is not None and self.sampler.mass(live) <= 0):
+        if not self._drawable():
             raise TeachersLostError(self._all_lost_message(step))
         batch = TokenBatch.of(self.batches(step))
         layers = self.stage(step).layers
@@ -138,7 +138,10 @@ class KnowledgeFeed:
         """Send the first step's request ahead (with prefetch), so it overlaps the student's first forward."""
         if self.source is not None and self.prefetch and self._pending is None:
             self._remember_sampler()
-            self._send(step)
+            try:
+                self._send(step)
+            except TeachersLostError:
+                pass  # raised again, with the checkpoint state, when the step asks for its knowledge
 
     def _remember_sampler(self) -> None:
         """Keep the generator state before a step's first draw (what a checkpoint stores for that step)."""
@@ -199,8 +202,11 @@ class KnowledgeFeed:
         width has no projection), leaving ones no more; p is recomputed over the live set."""
         due = max(self.replay, default=-1)
         target = self.replay.get(step) if step <= due else seen
-        if target is None or target <= self.elastic.version:
-            return
+        if target is not None and target > self.elastic.version:
+            self._apply(step, target)
+
+    def _apply(self, step: int, target: int) -> None:
+        """Follow the pool to version `target` before 0-based `step`'s draw (see `_follow`), recorded."""
         joined, left = self.elastic.changes(target)
         self.counts += [0] * (len(self.source.names) - len(self.counts))
         for k in left:
@@ -259,13 +265,23 @@ class KnowledgeFeed:
             if self.sampler is not None:
                 self.sampler.set_probs(self.reweigh(self.source.infos, self._live) if self.reweigh
                                        else self.sampler.padded(len(self.names)))
+        start = int(state.get("step", 0))
         if self.elastic is not None and self.key is not None:
-            start = int(state.get("step", 0))
             self.replay = {s: v for s, v in self.elastic.recorded(self.key).items() if s > start}
+        if self.elastic is not None and pool is not None and not self._drawable() and start not in self.replay:
+            # stopped with no teacher left (or none with probability): follow the pool as it is now, so
+            # teachers added since serve the resumed run (the ranks agree on the version first)
+            latest = self.agree([], self.elastic.latest())[1]
+            if latest > self.elastic.version:
+                self._apply(start, latest)
         self.counts = list(state.get("counts") or self.counts)
         self.counts += [0] * (len(self.names) - len(self.counts))
         if self.sampler is not None and state.get("sampler") is not None:
             self.sampler.load_state_dict(state["sampler"])
+
+    def _drawable(self) -> bool:
+        """Whether some live teacher can be asked (and, for skd, has probability > 0)."""
+        return bool(self._live) and (self.sampler is None or self.sampler.mass(self._live) > 0)
 
     def start_fresh(self) -> None:
         """A run starting at step 0 (no checkpoint): replay the changes recorded for its key, if any (a

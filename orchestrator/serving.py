@@ -99,15 +99,25 @@ def serve(cfg: SkdConfig, name: str | None = None) -> dict:
             regression=settings["regression"], plan=plan, attn_implementation=settings["attn_implementation"],
             max_restarts=t.max_restarts, max_task_retries=t.max_task_retries, device=t.device,
             resources=dict(t.resources), strategy=t.placement, slots=t.max_concurrency, namespace=namespace(pool))
+        directory = None
         try:
             directory = ray.remote(PoolDirectory).options(
                 name=DIRECTORY, namespace=namespace(pool), lifetime="detached", num_cpus=0).remote(pool, settings)
             ray.get(directory.join.remote(infos, [started.actors[i] for i in range(len(infos))]))
             ray.get(directory.set_placement_group.remote(started.placement_group))
-        except BaseException:
+        except BaseException as exc:
             started.close()
+            if directory is not None:
+                ray.kill(directory)
+            if isinstance(exc, ValueError):  # the name was taken meanwhile (another `serve`)
+                raise SkdError(f"teacher pool {pool!r} was started by someone else meanwhile: {exc}") from None
             raise
         return status(pool)[0]
+
+
+def _cause(exc: Exception) -> str:
+    """The message of the error raised inside a Ray task (without the remote traceback)."""
+    return str(getattr(exc, "cause", None) or exc)
 
 
 def add(cfg: SkdConfig, teachers: list[str], name: str | None = None) -> dict:
@@ -122,7 +132,11 @@ def add(cfg: SkdConfig, teachers: list[str], name: str | None = None) -> dict:
     infos, _ = _teachers(cfg, teachers)
     with ray_session(cfg.ray):
         directory = get_directory(pool)
-        settings = ray.get(directory.describe.remote())["settings"]
+        described = ray.get(directory.describe.remote())
+        settings = described["settings"]
+        serving = {described["infos"][i].name for i in described["live"]}
+        if serving & set(teachers):
+            raise SkdError(f"pool {pool!r} already serves {', '.join(sorted(serving & set(teachers)))}")
         for info in infos:
             if info.task != settings["task"] or info.vocab != settings["vocab"]:
                 raise TeacherError(f"teacher {info.name!r} was prepared for {info.task} with another tokenizer than "
@@ -139,10 +153,12 @@ def add(cfg: SkdConfig, teachers: list[str], name: str | None = None) -> dict:
         try:
             ray.get([a.ping.remote() for a in actors])
             ray.get(directory.join.remote(infos, actors))
-        except (ray.exceptions.RayError, ValueError) as exc:
+        except BaseException as exc:  # Ctrl-C included: no detached actor is left outside the pool
             for a in actors:
                 ray.kill(a)
-            raise SkdError(f"could not add {', '.join(teachers)} to pool {pool!r}: {exc}") from None
+            if isinstance(exc, ray.exceptions.RayError):
+                raise SkdError(f"could not add {', '.join(teachers)} to pool {pool!r}: {_cause(exc)}") from None
+            raise
         return status(pool)[0]
 
 
@@ -158,12 +174,14 @@ def remove(cfg: SkdConfig | None, teachers: list[str], name: str | None = None, 
     try:
         version, gone = ray.get(directory.leave.remote(teachers))
     except ray.exceptions.RayTaskError as exc:
-        raise SkdError(str(exc.cause if hasattr(exc, "cause") else exc)) from None
+        raise SkdError(_cause(exc)) from None
     print(f"[skd] pool {pool}: version {version} without {', '.join(teachers)}; stopping them in {drain_s:g} s",
           flush=True)
-    time.sleep(drain_s)
-    for a in gone:
-        ray.kill(a)
+    try:
+        time.sleep(drain_s)
+    finally:  # an interrupted drain still stops them (they are out of the pool already)
+        for a in gone:
+            ray.kill(a)
     return status(pool)[0]
 
 

@@ -34,14 +34,17 @@ def start_pool(plan: RunPlan, resources: Resources, active: list[int], wait: boo
 
 @contextlib.contextmanager
 def open_source(plan: RunPlan, resources: Resources | None = None, active: list[int] | None = None, *,
-                shared: KnowledgeSource | None = None, wait: bool = True) -> Iterator[KnowledgeSource | None]:
+                shared: KnowledgeSource | None = None, wait: bool = True,
+                resuming: bool = False) -> Iterator[KnowledgeSource | None]:
     """The run's knowledge source for the duration of a `with` block, released on every exit path.
 
     Yields `shared` (a campaign's or comparison's pool; not closed here) when given; None for a plan
     without knowledge (no-kd); the offline cache's reader when the plan names a cache; the served pool
     named by `teachers.pool` (attached, left serving); else a new teacher pool of `active` teachers
     (default: the plan's). When the block fails while a new pool's teachers are still loading, a teacher
-    that failed to load is reported instead (it explains the failure best).
+    that failed to load is reported instead (it explains the failure best). `resuming`: the run continues
+    from a checkpoint (a served pool may then serve none of the config's teachers: the checkpoint names the
+    run's own).
 
     Raises:
         CacheError: the cache cannot be opened or was built for another setup.
@@ -57,7 +60,8 @@ def open_source(plan: RunPlan, resources: Resources | None = None, active: list[
     elif plan.cfg.teachers.pool:
         from actors.served import ServedPool
 
-        source = ServedPool.attach(plan.cfg.teachers.pool, plan.teachers, plan.cfg.teachers.knowledge_timeout_s)
+        source = ServedPool.attach(plan.cfg.teachers.pool, plan.teachers, plan.cfg.teachers.knowledge_timeout_s,
+                                   resuming=resuming)
     else:
         source = start_pool(plan, resources, plan.active if active is None else active, wait=wait)
     try:

@@ -65,6 +65,8 @@ class DistillRecipe:
             agree=self._agree if self.world > 1 else None, reweigh=kn.reweigh, key=run.run_id,
             widths=kn.plan.teacher_widths if kn.plan.request.needs_layers else None)
         self.start = self._resume()
+        if self.feed.elastic is not None:  # a checkpoint may hold teachers that joined a served pool
+            self.trainer.teacher_widths = [t.hidden_size for t in self.feed.source.infos]
         self.trainer.prepare()
         spill = Path(run.spill_dir) / f"{run.run_id}.jsonl" if run.spill_dir else None
         self.logger = MetricLogger(run.tracking_uri, run.run_id, enabled=self.rank == 0, spill_path=spill)

@@ -98,6 +98,9 @@ class FakeElastic(FakeSource):
     def poll(self) -> int:
         return self.published
 
+    def latest(self) -> int:
+        return max(self.version, self.published)
+
     def changes(self, version: int) -> tuple[list[int], list[int]]:
         old, new = set(self.versions[self.version]), self.versions[version]
         joined = []

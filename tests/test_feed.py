@@ -304,3 +304,37 @@ def test_a_resumed_run_applies_recorded_changes_at_their_steps_not_when_it_polls
     resumed.load_state_dict(json.loads(json.dumps(state)))  # checkpoints hold JSON
     assert resumed.names == ["t0", "t1"] and resumed.replay == {7: 1}
     assert [resumed.next_knowledge(s).teacher for s in range(3, 16)] == got[3:]
+
+
+def test_a_run_stopped_with_no_teacher_left_resumes_on_the_teachers_added_since():
+    from actors.errors import TeachersLostError
+
+    source = Elastic([[0, 1], [1], []])
+    f = elastic_feed(source)
+    f.begin(0)
+    got = [f.next_knowledge(s).teacher for s in range(2)]
+    source.published = 1  # t0 leaves before step 3
+    got += [f.next_knowledge(s).teacher for s in range(2, 4)]
+    source.published = 2  # t1 leaves too before step 5: nothing left to ask
+    got.append(f.next_knowledge(4).teacher)
+    with pytest.raises(TeachersLostError, match="lost before step 6"):
+        f.next_knowledge(5)
+    state = json.loads(json.dumps({"step": 5, **f.state_dict()}))
+    assert state["pool"]["live"] == []
+    source.versions.append([2])  # `skd teachers add` t2 while the run is stopped
+    source.published = 3
+    resumed = elastic_feed(source)
+    resumed.load_state_dict(state)  # follows the pool as it is now, recorded for later restarts
+    resumed.begin(5)
+    assert [resumed.next_knowledge(s).teacher for s in range(5, 8)] == [2, 2, 2]
+    assert resumed.live() == [2] and source.records["run-1"][5] == 3
+
+
+def test_begin_with_no_teacher_to_ask_leaves_the_error_to_the_step():
+    from actors.errors import TeachersLostError
+
+    source = Elastic([[0, 1], [0, 1]])
+    f = elastic_feed(source, probs=[0.5, 0.5], reweigh=lambda infos, live: [0.0] * len(infos))  # e.g. weights
+    f.begin(0)  # nothing sent, nothing raised: the loop's step reports it with a checkpoint
+    with pytest.raises(TeachersLostError, match="sampling probability 0"):
+        f.next_knowledge(0)

@@ -102,7 +102,7 @@ def test_a_teacher_joins_and_one_leaves_while_two_ranks_train_and_resume_keeps_t
         assert when(lambda: pool_status()["t3"]["requests"] >= 10, run.is_alive, every_s=0.2), \
             "the run ended before t3 served"
         with serving.connect(None, env["address"]):
-            serving.remove(None, ["t4"], "p", drain_s=2.0)
+            serving.remove(None, ["t4"], "p", drain_s=5.0)
     finally:
         run.join(timeout=600)
     out, client = result["out"], env["client"]
