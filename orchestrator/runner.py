@@ -181,7 +181,7 @@ def _outputs(client, uri: str, out: RunResult, result, model_out: Path,
         with result.checkpoint.as_directory() as ckpt:
             save_model(Path(ckpt) / "model", model_out)
         out.model_dir = model_out
-        client.log_metric(run_id, "wall_s", out.wall_s)
+        _warn_on_failure(client, run_id, "wall time", lambda: client.log_metric(run_id, "wall_s", out.wall_s))
         _warn_on_failure(client, run_id, "model logging",
                          lambda: tracking.log_hf_model(uri, run_id, model_out, register_as))
     if figures is not None:
