@@ -26,6 +26,27 @@ LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 STRATEGIES = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
 
 
+def start_teacher(index: int, info: TeacherInfo, settings: dict, *, name: str | None = None,
+                  namespace: str | None = None, scheduling_strategy=None) -> ray.actor.ActorHandle:
+    """Start one teacher actor (loading in the background; `ping` it to wait).
+
+    Args:
+        index: the teacher's index in the asker's ensemble; info: its manifest entry.
+        settings: {"num_cpus", "num_gpus" (resolved number), "resources", "max_restarts", "max_task_retries",
+            "regression", "threads", "device", "attn_implementation", "slots"} (see `TeacherPool.start`).
+        name / namespace: a detached, named actor in that Ray namespace (a served pool); None: owned by the caller.
+        scheduling_strategy: e.g. a placement-group bundle.
+    """
+    s = settings
+    named = {"name": name, "namespace": namespace, "lifetime": "detached"} if namespace else {}
+    return remote_teacher().options(
+        num_cpus=s["num_cpus"], num_gpus=s["num_gpus"], resources=s["resources"] or None,
+        max_restarts=s["max_restarts"], max_task_retries=s["max_task_retries"], **named,
+        scheduling_strategy=scheduling_strategy,
+    ).remote(index, info.checkpoint, info.num_labels, s["regression"], s["threads"], s["device"],
+             s["attn_implementation"], s["slots"])
+
+
 @dataclass(frozen=True)
 class PlacementPlan:
     """Resources each role needs, as data, checked against the cluster before any actor starts.
@@ -199,17 +220,15 @@ class TeacherPool:
             raise SkdError(f"the {len(active)} teachers ({bundle} each, {strategy}) could not be placed within "
                            f"{placement_timeout_s:g} s: the cluster lacks free resources of that shape (other jobs, "
                            f"or nodes too small); free them, add nodes, or change teachers.placement")
-        remote = remote_teacher()
+        settings = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources, "max_restarts": max_restarts,
+                    "max_task_retries": max_task_retries, "regression": regression, "threads": threads,
+                    "device": device, "attn_implementation": attn_implementation, "slots": slots}
         pool = cls(teachers, {}, timeout_s, group)
         try:  # from here on, any failure (Ctrl-C included) releases the actors and the placement group
             for slot, i in enumerate(active):
-                t = teachers[i]
-                named = {"name": f"teacher-{t.name}", "namespace": namespace, "lifetime": "detached"} if namespace else {}
-                pool.actors[i] = remote.options(
-                    num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                    max_task_retries=max_task_retries, resources=resources or None, **named,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=slot),
-                ).remote(i, t.checkpoint, t.num_labels, regression, threads, device, attn_implementation, slots)
+                pool.actors[i] = start_teacher(
+                    i, teachers[i], settings, name=f"teacher-{teachers[i].name}", namespace=namespace,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=slot))
             if wait:
                 pool.check_loaded()
         except BaseException:

@@ -17,9 +17,8 @@ import ray
 
 from actors.errors import SkdError, TeacherError
 from actors.manifest import TeacherInfo, read_manifest, validate_teachers
-from actors.pool import PlacementPlan, TeacherPool
+from actors.pool import PlacementPlan, TeacherPool, start_teacher
 from actors.served import DIRECTORY, PoolDirectory, get_directory, namespace, pool_names
-from actors.teacher import remote_teacher
 from orchestrator.config import SkdConfig
 from orchestrator.runtime import ray_session
 
@@ -142,14 +141,9 @@ def add(cfg: SkdConfig, teachers: list[str], name: str | None = None) -> dict:
                 raise TeacherError(f"teacher {info.name!r} was prepared for {info.task} with another tokenizer than "
                                    f"pool {pool!r} serves ({settings['task']}); use teachers of the pool's task and "
                                    f"model family")
-        gpus = _gpus(settings["num_gpus"], ray.cluster_resources())
-        remote = remote_teacher()
-        actors = [remote.options(
-            num_cpus=settings["num_cpus"], num_gpus=gpus, resources=settings["resources"] or None,
-            max_restarts=settings["max_restarts"], max_task_retries=settings["max_task_retries"],
-            name=f"teacher-{info.name}-{uuid.uuid4().hex[:6]}", namespace=namespace(pool), lifetime="detached",
-        ).remote(0, info.checkpoint, info.num_labels, settings["regression"], settings["threads"], settings["device"],
-                 settings["attn_implementation"], settings["slots"]) for info in infos]
+        resolved = {**settings, "num_gpus": _gpus(settings["num_gpus"], ray.cluster_resources())}
+        actors = [start_teacher(0, info, resolved, name=f"teacher-{info.name}-{uuid.uuid4().hex[:6]}",
+                                namespace=namespace(pool)) for info in infos]
         try:
             ray.get([a.ping.remote() for a in actors])
             ray.get(directory.join.remote(infos, actors))
