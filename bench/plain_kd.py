@@ -4,10 +4,11 @@ Run:  python bench/plain_kd.py -c CONFIG [--set key=value ...] [--threads 2] [--
 
 Same data (the config's task, subset, max length, tokenizer), same models (the teachers of the config's
 manifest, the config's student), same steps, batch size, learning rate, temperature, alpha, seed and
-evaluation points as `skd distill -c CONFIG` with `distill.strategy: skd` and a uniform distribution;
-no Ray, no MLflow, no prefetch: each step draws ONE teacher, runs its forward pass (no grad), then the
-student's forward and backward pass, with `--threads` torch threads for both. Evaluates on dev at the
-same steps as skd (4 per run by default), saves the student at the end (save_pretrained).
+evaluation points as `skd distill -c CONFIG` with `distill.strategy: skd` and a uniform distribution
+(or `single:<teacher>`: that teacher every step); no Ray, no MLflow, no prefetch: each step draws ONE
+teacher, runs its forward pass (no grad), then the student's forward and backward pass, with `--threads`
+torch threads for both. Evaluates on dev at the same steps as skd (4 per run by default), saves the
+student at the end (save_pretrained).
 
 Prints one JSON line: training seconds (the step loop without evaluations), samples, training
 throughput (samples / training seconds), evaluation seconds, save seconds, whole wall time (process
@@ -53,7 +54,9 @@ def main() -> None:
     inputs = prepare_inputs(cfg.data, cfg.task, cfg.student.init)
     spec, pad = inputs.spec, inputs.pad_id
     by_name = {t.name: t for t in read_manifest(cfg.manifest_path())}
-    teachers = [load_classifier(by_name[m.name].checkpoint, spec.num_labels).eval() for m in cfg.teachers.members]
+    names = ([d.strategy.split(":", 1)[1]] if d.strategy.startswith("single:")  # single-teacher KD
+             else [m.name for m in cfg.teachers.members])
+    teachers = [load_classifier(by_name[n].checkpoint, spec.num_labels).eval() for n in names]
     student = load_classifier(resolve_model(cfg.student.init), spec.num_labels, cfg.student.num_layers)
     optimizer = torch.optim.AdamW(student.parameters(), lr=d.lr, weight_decay=d.weight_decay)
     steps = StepPlan.make(len(inputs.train), d.batch_size, 1, d.epochs, d.max_steps, d.eval_every, d.checkpoint_every)
@@ -95,7 +98,7 @@ def main() -> None:
     print(json.dumps({"bench": "plain_kd", "steps": steps.total, "samples": samples, "train_s": round(train_s, 2),
                       "samples_per_s": round(samples / train_s, 2), "eval_s": round(eval_s, 2),
                       "save_s": round(save_s, 2), "wall_s": round(time.perf_counter() - T0, 2),
-                      "threads": args.threads, "dev": dev, "teachers": [m.name for m in cfg.teachers.members]}))
+                      "threads": args.threads, "dev": dev, "teachers": names}))
 
 
 if __name__ == "__main__":

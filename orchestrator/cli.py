@@ -213,6 +213,8 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
                                   f"reports {t['time/report_s']:.1f}), outputs {t.get('time/outputs_s', 0):.1f}")
     for name, n in result.counts.items():
         table.add_row(f"samples from {name}", str(n))
+    if result.probs:
+        table.add_row("sampling p (learnt, final)", ", ".join(f"{n} {p:.3f}" for n, p in result.probs.items()))
     table.add_row("student", str(result.model_dir or "-"))
     table.add_row("MLflow run", result.run_id)
     console.print(table)
@@ -256,22 +258,32 @@ def cache_build(config: ConfigOpt, set_: SetOpt = None,
 def compare(config: ConfigOpt, set_: SetOpt = None,
             variant: Annotated[list[str], typer.Option(
                 help="no-kd | average | single:<teacher> | skd:<family> (repeatable).")] = ("no-kd", "skd:uniform"),
-            seed: Annotated[list[int], typer.Option(help="Seeds (repeatable).")] = (0, 1, 2)):
-    """Run several strategies x seeds on ONE shared teacher pool and print mean and spread per strategy."""
+            seed: Annotated[list[int], typer.Option(help="Seeds (repeatable).")] = (0, 1, 2),
+            baseline: Annotated[Optional[str], typer.Option(
+                help="The variant the others are compared with (paired bootstrap); default: the first.")] = None):
+    """Run several strategies x seeds on ONE shared teacher pool; print mean and spread per strategy and each
+    one's paired difference from the baseline with a 95% bootstrap interval (over seeds and dev rows)."""
     from orchestrator.compare import run_comparison
 
     try:
         cfg = load_config(config, set_)
-        summaries = run_comparison(cfg, str(config), list(variant), list(seed), list(set_ or []))
+        summaries = run_comparison(cfg, str(config), list(variant), list(seed), list(set_ or []), baseline)
     except SkdError as exc:
         fail(exc)
     metric = summaries[0].metric
-    table = Table(title=f"skd compare: {cfg.task}, seeds {list(seed)} (mean ± sample std)")
-    for col in ("variant", f"dev {metric}", "retention", "wall s", "samples/s"):
+    base = baseline or summaries[0].variant
+    table = Table(title=f"skd compare: {cfg.task}, seeds {list(seed)} (mean ± sample std; Δ = paired difference "
+                        f"from {base}, 95% bootstrap interval over seeds and dev rows)")
+    for col in ("variant", f"dev {metric}", f"Δ {metric} [95% CI]", "real?", "retention", "wall s", "samples/s"):
         table.add_column(col)
     for v in summaries:
         fmt = lambda ms, scale=1.0, d=2: f"{ms[0] * scale:.{d}f} ± {ms[1] * scale:.{d}f}"  # noqa: E731
-        table.add_row(v.variant, fmt(v.dev, 100), fmt(v.retention, 100), fmt(v.wall_s, d=1), fmt(v.samples_per_s, d=1))
+        p = v.paired
+        delta = "baseline" if v.variant == base else "-" if p is None else (
+            f"{100 * p.delta:+.2f} [{100 * p.low:+.2f}, {100 * p.high:+.2f}]")
+        real = "" if p is None else ("yes" if p.real else "no")
+        table.add_row(v.variant, fmt(v.dev, 100), delta, real, fmt(v.retention, 100), fmt(v.wall_s, d=1),
+                      fmt(v.samples_per_s, d=1))
     console.print(table)
     for v in summaries:
         console.print(f"{v.variant}: " + ", ".join(f"seed run {r.run_id[:8]} {metric}={r.dev[metric]:.4f}"

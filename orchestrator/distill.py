@@ -65,7 +65,8 @@ def student_rank_scores(plan: RunPlan, source: KnowledgeSource | None, resources
 
 
 def _figures(plan: RunPlan):
-    """The run's plots: sampling distribution vs observed teacher shares, and learning curves."""
+    """The run's plots: sampling distribution vs observed teacher shares, p over the steps (adaptive), and
+    learning curves."""
     metric = plan.inputs.spec.metric
 
     def make(client, run_id: str, result: RunResult, tmp: Path) -> list[Path]:
@@ -73,6 +74,10 @@ def _figures(plan: RunPlan):
         if plan.probs is not None and plan.teachers:
             counts = [result.counts.get(n, 0) for n in plan.names]
             figs.append(tracking.plot_distribution(plan.names, plan.probs, counts, tmp / "sampling_distribution.png"))
+        if plan.family == "adaptive":
+            history = {n: tracking.metric_history(client, run_id, f"sampler/p/{n}") for n in [*plan.names, *(
+                n for n in result.probs if n not in plan.names)]}
+            figs.append(tracking.plot_p_over_time(history, tmp / "sampling_p_over_time.png"))
         curves = {k: tracking.metric_history(client, run_id, k)
                   for k in ("train/loss", f"dev/{metric}", "train/samples_per_s")}
         figs.append(tracking.plot_learning_curves(curves, tmp / "learning_curves.png"))

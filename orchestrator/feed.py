@@ -20,6 +20,10 @@ them saw (in the same collective as the losses), and the change applies to the n
 rank: joining teachers are asked from then on, leaving ones no more, and p is recomputed over the live set
 by the family's rule (`reweigh`). Each applied change is recorded in the pool's directory under the run's
 key as (step, version), so a resumed or restarted worker applies the same versions before the same steps.
+
+The adaptive family (`orchestrator.adaptive.AdaptiveSampler`) learns p while the run trains: the feed tells
+it which teacher taught each step, puts a learnt p in force at the step it applies to (before that step's
+draw) and hands it the probe loss of each interval (`adapt`); its state is part of `state_dict`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 
 from actors.errors import TeacherLostError, TeachersLostError
 from actors.knowledge import Knowledge, KnowledgeRequest, KnowledgeSource, PendingKnowledge, TokenBatch
+from orchestrator.adaptive import AdaptiveSampler, AdaptiveSettings
 from orchestrator.sampling import TeacherSampler
 from orchestrator.schedule import Stage, stage_at
 
@@ -61,6 +66,8 @@ class KnowledgeFeed:
         key: the run's key for the pool's record of applied changes (the MLflow run id); None: not recorded.
         widths: teacher hidden sizes the student's projections serve (IR runs); a joining teacher of another
             width is not asked (logged as "skip"). None: any width.
+        adaptive: settings of the adaptive family (skd only): p starts at `probs` (uniform) and is learnt from
+            the rewards `adapt` is given. None: p is fixed.
 
     Raises:
         ConfigError: invalid probabilities (from `TeacherSampler`).
@@ -71,7 +78,8 @@ class KnowledgeFeed:
                  request: KnowledgeRequest = KnowledgeRequest(), schedule: str = "none", ir_fraction: float = 0.5,
                  prefetch: bool = True, agree: Callable[[list[int], int], tuple[list[int], int]] | None = None,
                  reweigh: Callable[[Sequence[Any], list[int]], Sequence[float]] | None = None,
-                 key: str | None = None, widths: Sequence[int] | None = None) -> None:
+                 key: str | None = None, widths: Sequence[int] | None = None,
+                 adaptive: AdaptiveSettings | None = None) -> None:
         self.source, self.batches, self.world, self.total = source, batches, world, total
         self.strategy, self.request, self.prefetch = strategy, request, prefetch
         self.schedule, self.ir_fraction = schedule, ir_fraction
@@ -79,7 +87,11 @@ class KnowledgeFeed:
         self.elastic = source if getattr(source, "elastic", False) else None
         self.reweigh, self.key, self.widths = reweigh, key, None if widths is None else set(widths)
         self.replay: dict[int, int] = {}  # 0-based step -> pool version to apply before its draw (resume)
-        self.sampler = TeacherSampler(probs, seed) if source is not None and strategy == "skd" else None
+        self.sampler = None
+        if source is not None and strategy == "skd":
+            self.sampler = (AdaptiveSampler(len(probs), seed, adaptive) if adaptive is not None
+                            else TeacherSampler(probs, seed))
+        self.adaptive = self.sampler if isinstance(self.sampler, AdaptiveSampler) else None
         self.counts = [0] * (len(source.names) if source is not None else 0)  # examples served per teacher
         self._live = list(source.live()) if source is not None else []
         if self.elastic is not None and self.sampler is not None and reweigh is not None:
@@ -125,6 +137,8 @@ class KnowledgeFeed:
         if self.strategy == "average":
             pending = self.source.submit_average(batch, request, teachers=list(live))
         else:
+            if self.adaptive is not None:
+                self.adaptive.activate(step)  # a p learnt before this step applies from its draw on
             pending = self.source.submit(self.sampler.draw(live), batch, request)
         self._pending = (step, pending)
 
@@ -186,6 +200,8 @@ class KnowledgeFeed:
         served = len(self.batches(step)["ids"]) * self.world
         for k in ([knowledge.teacher] if knowledge.teacher >= 0 else self._live):
             self.counts[k] += served
+        if self.adaptive is not None and knowledge.teacher >= 0:
+            self.adaptive.taught(knowledge.teacher)
         if self.elastic is not None and step + 1 < self.total:
             self._follow(step + 1, seen)
         if self.prefetch and step + 1 < self.total:
@@ -228,6 +244,26 @@ class KnowledgeFeed:
         if self.key is not None:
             self.elastic.record(self.key, step, target)
 
+    def adapt(self, done: int, probe_loss: float) -> dict[str, float]:
+        """The student's probe loss after 1-based step `done` (the same on every rank): the adaptive sampler's
+        reward for the interval that ended, and the p it learns, in force from 0-based step `done + 1`.
+
+        Returns:
+            Metrics by teacher name: "sampler/reward", "sampler/probe_loss", "sampler/gain/<name>" and the
+            learnt "sampler/p/<name>" ({} on the first probe or without the adaptive family).
+        """
+        if self.adaptive is None:
+            return {}
+        stats = self.adaptive.update(done, probe_loss)
+        if not stats:
+            return {}
+        names = self.names
+        out = {k: v for k, v in stats.items() if not k.startswith("sampler/gain/")}
+        out.update({f"sampler/gain/{names[int(k.rsplit('/', 1)[1])]}": v for k, v in stats.items()
+                    if k.startswith("sampler/gain/")})
+        out.update({f"sampler/p/{n}": p for n, p in zip(names, self.adaptive.queued[1])})
+        return out
+
     def _stop_at(self, step: int) -> None:
         """Every teacher is lost at `step`: the state to checkpoint is the one before its draw."""
         self._pending = None
@@ -248,6 +284,8 @@ class KnowledgeFeed:
         elif self.sampler is not None:
             sampler = self._sampler_before_pending if self._pending is not None else self.sampler.state_dict()
         state = {"counts": list(self.counts), "sampler": sampler}
+        if self.adaptive is not None:  # the bandit's state after the last probe (p in force, p queued, gains)
+            state["adaptive"] = self.adaptive.adaptive_state()
         if self.elastic is not None:  # where the run stands in the pool: version, its teachers, the live ones
             state["pool"] = {"version": self.elastic.version, "members": list(self.elastic.members),
                              "live": list(self._live)}
@@ -278,6 +316,11 @@ class KnowledgeFeed:
         self.counts += [0] * (len(self.names) - len(self.counts))
         if self.sampler is not None and state.get("sampler") is not None:
             self.sampler.load_state_dict(state["sampler"])
+        if self.adaptive is not None and state.get("adaptive") is not None:
+            self.adaptive.load_adaptive_state(state["adaptive"])
+            if self.elastic is not None and self.adaptive.support != sorted(self._live):  # followed the pool above
+                self.sampler.set_probs(self.reweigh(self.source.infos, self._live) if self.reweigh
+                                       else self.sampler.padded(len(self.names)))
 
     def _drawable(self) -> bool:
         """Whether some live teacher can be asked (and, for skd, has probability > 0)."""

@@ -26,6 +26,7 @@ from actors.knowledge import KnowledgeSource
 from orchestrator import tracking
 from orchestrator.config import SkdConfig
 from orchestrator.control import run_interruptible, start_control
+from orchestrator.adaptive import AdaptiveSettings
 from orchestrator.outputs import check_output, save_model
 from orchestrator.plan import RunPlan
 from orchestrator.sampling import Reweigh
@@ -47,6 +48,7 @@ class RunResult:
         model_dir: the final `save_pretrained` folder; steps: the last step trained;
         checkpoint: folder of the latest Ray Train checkpoint (None: none).
         interrupted: stopped by SIGINT/SIGTERM on the driver (status KILLED, resumable).
+        probs: the adaptive family's learnt p in force at the end, by teacher name ({} for fixed families).
         timings: where the time went, seconds ({"time/fit_s": Ray Train's fit, controller and worker start
             included; "time/outputs_s": saving and logging the student and plots; rank 0's "time/setup_s",
             "time/loop_s", "time/eval_s", "time/report_s", "time/gsnr_s", "time/train_s" of the last Ray
@@ -66,6 +68,7 @@ class RunResult:
     checkpoint: str | None = None
     interrupted: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    probs: dict[str, float] = field(default_factory=dict)
 
 
 def _warn_on_failure(client, run_id: str, what: str, action: Callable[[], Any]) -> None:
@@ -93,8 +96,12 @@ def distill_spec(plan: RunPlan, source: KnowledgeSource | None, *, stop_after: i
     task = TrainTask(resolve_model(cfg.student.init), cfg.student.num_layers, inputs.tokenizer_init, inputs.spec,
                      ray.put(inputs.train), ray.put(inputs.dev), inputs.pad_id)
     reweigh = Reweigh(plan.family, d.distribution, plan.probs) if plan.probs is not None else None
+    dist = d.distribution
+    adaptive = (AdaptiveSettings(dist.every, dist.step_size, dist.eps, dist.probe_size)
+                if plan.family == "adaptive" else None)
     knowledge = None if plan.knowledge is None else KnowledgeSpec(
-        source, plan.strategy, plan.probs, plan.names, plan.knowledge, d.alpha, d.temperature, d.prefetch, reweigh)
+        source, plan.strategy, plan.probs, plan.names, plan.knowledge, d.alpha, d.temperature, d.prefetch, reweigh,
+        adaptive)
     run = RunSettings(plan.steps, int(cfg.ray.cpus_per_worker), d.log_every, d.eval_batch_size, d.gsnr_every,
                       d.gsnr_probe_size, stop_after, resume_from, plan.best_teacher_metric)
     return WorkerSpec(task, Optimisation(d.lr, d.batch_size, d.warmup_ratio, d.weight_decay, d.seed), knowledge, run)
@@ -149,7 +156,8 @@ def _summary(run_id: str, run_name: str, result, names: list[str], wall_s: float
                 if f"teacher_samples/{n}" in metrics},
         steps=int(metrics.get("step", 0)),
         checkpoint=result.checkpoint.path if result.checkpoint is not None else None,
-        timings={"time/fit_s": wall_s, **{k: float(v) for k, v in metrics.items() if k.startswith("time/")}})
+        timings={"time/fit_s": wall_s, **{k: float(v) for k, v in metrics.items() if k.startswith("time/")}},
+        probs={k.split("/", 2)[2]: float(v) for k, v in metrics.items() if k.startswith("sampler/p/")})
 
 
 def _trainer(cfg: SkdConfig, spec: WorkerSpec, ray_name: str, use_gpu: bool, report_to_tune: bool):

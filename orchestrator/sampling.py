@@ -11,6 +11,7 @@ ours (from the design notes) are, for N teachers with scores s_i and ascending r
 - softmax:            p_i = exp(s_i / tau) / sum_j exp(s_j / tau)
 - capacity-gaussian:  p_i ∝ exp(-(ln c_i - mu)^2 / (2 sigma^2)), c_i = teacher i's parameter count
 - weights:            p_i = w_i / sum_j w_j (explicit)
+- adaptive:           starts uniform; learnt online by a bandit (`orchestrator.adaptive`)
 
 and any family mixed with uniform: p = (1 - eps) p + eps / N.
 """
@@ -91,7 +92,7 @@ def sampling_distribution(dist: DistributionConfig, names: Sequence[str], teache
         ConfigError: bad weights, or student-rank without pre-pass scores.
     """
     n = len(names)
-    if dist.family == "uniform":
+    if dist.family in ("uniform", "adaptive"):  # adaptive: the start; its sampler learns p from there
         p = np.full(n, 1.0 / n)
     elif dist.family == "teacher-rank":
         p = rank_probs(teacher_scores, dist.gamma)

@@ -64,6 +64,7 @@ class KnowledgeSpec:
         prefetch: send step t+1's request as soon as step t's answer arrives.
         reweigh: p after a served pool's membership changed (`orchestrator.sampling.Reweigh`); None: p
             renormalised over the live teachers.
+        adaptive: the adaptive family's settings (`orchestrator.adaptive.AdaptiveSettings`); None: p is fixed.
     """
 
     source: KnowledgeSource
@@ -75,6 +76,7 @@ class KnowledgeSpec:
     temperature: float
     prefetch: bool = True
     reweigh: Any = None
+    adaptive: Any = None
 
 
 @dataclass(frozen=True)

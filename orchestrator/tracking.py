@@ -385,6 +385,37 @@ def plot_distribution(names: list[str], probs: Iterable[float], counts: Iterable
     return path
 
 
+def plot_p_over_time(history: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Stacked area of the sampling distribution p by step, one band per teacher (the adaptive family's
+    `sampler/p/<name>` histories: p in force from each step on; uniform before a teacher's first value)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(history)
+    steps = sorted({1} | {s for h in history.values() for s, _ in h})
+    bands = []
+    for n in names:
+        known = dict(history[n])
+        value, row = 1.0 / max(len(names), 1), []  # before a teacher's first value: uniform
+        for s in steps:  # a teacher's p holds until its next value
+            value = known.get(s, value)
+            row.append(value)
+        bands.append(row)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.stackplot(steps, np.asarray(bands), labels=names, step="post")
+    ax.set_xlabel("step")
+    ax.set_ylabel("sampling probability p")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
     """One panel per metric (e.g. train/loss, dev/accuracy) against the optimizer step."""
     import matplotlib

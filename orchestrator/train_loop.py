@@ -47,7 +47,7 @@ class DistillRecipe:
         from orchestrator.tracking import MetricLogger
 
         set_up = time.perf_counter()
-        self.spent = {"setup": 0.0, "eval": 0.0, "report": 0.0, "gsnr": 0.0}  # seconds, see `_timings`
+        self.spent = {"setup": 0.0, "eval": 0.0, "report": 0.0, "gsnr": 0.0, "probe": 0.0}  # s, see `_timings`
         spec, run = self.spec, self.spec.run
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -63,7 +63,12 @@ class DistillRecipe:
             kn.source, self.batches, self.world, run.steps.total, kn.strategy, kn.probs, spec.optim.seed,
             kn.plan.request, kn.plan.schedule, kn.plan.ir_fraction, kn.prefetch,
             agree=self._agree if self.world > 1 else None, reweigh=kn.reweigh, key=run.run_id,
-            widths=kn.plan.teacher_widths if kn.plan.request.needs_layers else None)
+            widths=kn.plan.teacher_widths if kn.plan.request.needs_layers else None, adaptive=kn.adaptive)
+        self.probe = None  # the adaptive family's fixed probe batch: probe_size training rows, seeded
+        if self.feed.adaptive is not None:
+            size = min(kn.adaptive.probe_size, len(self.train_data))
+            rows = np.random.default_rng(spec.optim.seed).choice(len(self.train_data), size, replace=False)
+            self.probe = self.train_data.batch(np.sort(rows), spec.task.pad_id)
         self.start = self._resume()
         if self.feed.elastic is not None:  # a checkpoint may hold teachers that joined a served pool
             self.trainer.teacher_widths = [t.hidden_size for t in self.feed.source.infos]
@@ -114,6 +119,8 @@ class DistillRecipe:
         run = self.spec.run
         self.started, self.samples = time.perf_counter(), 0
         self.window = (time.perf_counter(), 0, 0.0)  # start, samples, knowledge wait (s)
+        if self.probe is not None and self.feed.adaptive.last_loss is None:
+            self._adapt(self.start)  # the probe loss the first interval's reward starts from
         self.feed.begin(self.start)  # the first teacher call overlaps the first forward pass
         for step in range(self.start, run.steps.total):
             torch.manual_seed(self.spec.optim.seed * 1_000_003 + step)  # dropout depends on the step only: exact resume
@@ -129,6 +136,8 @@ class DistillRecipe:
             self._log_changes()
             terms = self.trainer.update(batch, out, knowledge, stage)
             done = step + 1
+            if self.probe is not None and done % self.spec.knowledge.adaptive.every == 0:
+                self._adapt(done)
             self.samples += len(batch["ids"]) * self.world
             self._log(done, terms, knowledge, len(batch["ids"]) * self.world)
             asked = run.stop_after is not None and run.stop_after <= done < run.steps.total
@@ -175,6 +184,25 @@ class DistillRecipe:
             self.logger.set_tag(tag, f"step {at + 1}: {detail}")
             self.logger.log({"teachers/alive": len(self.feed.live()), **self._pool_metrics()}, at + 1)
 
+    def _adapt(self, done: int) -> None:
+        """The adaptive family's update after 1-based step `done`: the student's loss on the probe batch (the
+        mean over ranks, so every rank learns the same p), handed to the feed; rank 0 logs the reward, the
+        gains and the learnt p (`sampler/p/<name>`, at the step it applies from) and the probe's cost."""
+        t0 = time.perf_counter()
+        loss = self.trainer.probe_loss(self.probe)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            tensor = torch.tensor([loss], dtype=torch.float64, device=self.trainer.device)
+            dist.all_reduce(tensor)
+            loss = float(tensor.item()) / self.world
+        stats = self.feed.adapt(done, loss)
+        self.spent["probe"] += time.perf_counter() - t0
+        if stats:
+            p = {k: v for k, v in stats.items() if k.startswith("sampler/p/")}
+            self.logger.log({k: v for k, v in stats.items() if k not in p}, done)
+            self.logger.log({**p, "sampler/probe_s": self.spent["probe"]}, done + 1)
+
     def _pool_metrics(self) -> dict[str, float]:
         """{"pool/version", "sampler/p/<name>"} for a served pool's run ({} otherwise)."""
         if self.feed.elastic is None:
@@ -207,6 +235,12 @@ class DistillRecipe:
                   flush=True)
         self.window = (time.perf_counter(), 0, 0.0)
 
+    def _probs(self) -> dict[str, float]:
+        """{"sampler/p/<name>": p in force} of an adaptive run (the learnt p the driver's summary shows)."""
+        if self.feed.adaptive is None:
+            return {}
+        return {f"sampler/p/{n}": float(p) for n, p in zip(self.names, self.feed.probs or [])}
+
     def _teacher_samples(self) -> dict[str, int]:
         """{"teacher_samples/<name>": examples that teacher served so far (global, the whole run)}."""
         return {f"teacher_samples/{name}": c for name, c in zip(self.names, self.feed.counts)}
@@ -220,7 +254,7 @@ class DistillRecipe:
         metrics: dict[str, float] = {"step": step, "finished": float(step >= run.steps.total),  # not "done": Tune's
                                      "wall_s": seconds, "samples": self.samples,
                                      "samples_per_s": self.samples / max(seconds, 1e-9),
-                                     **self._teacher_samples(), **(extra or {})}
+                                     **self._teacher_samples(), **self._probs(), **(extra or {})}
         began = time.perf_counter()
         if evaluate and step in run.steps.evals and self.rank == 0:
             dev = {f"dev/{k}": v for k, v in self.trainer.evaluate(self.dev_data, run.eval_batch_size).items()}
@@ -246,12 +280,12 @@ class DistillRecipe:
     def _timings(self, loop_s: float) -> dict[str, float]:
         """Where this worker's time went (seconds, rank 0's reach the driver and MLflow as `time/*`): set-up
         (model, data, resume), the step loop so far (`loop_s`), its evaluations, reports (checkpoint writes
-        and Ray Train's report), GSNR probes, and `train_s` = the loop without them (the training time of
-        the throughput `samples / train_s`)."""
+        and Ray Train's report), GSNR probes, the adaptive family's probes, and `train_s` = the loop without
+        them (the training time of the throughput `samples / train_s`)."""
         s = self.spent
         return {"time/setup_s": s["setup"], "time/loop_s": loop_s, "time/eval_s": s["eval"],
-                "time/report_s": s["report"], "time/gsnr_s": s["gsnr"],
-                "time/train_s": loop_s - s["eval"] - s["report"] - s["gsnr"]}
+                "time/report_s": s["report"], "time/gsnr_s": s["gsnr"], "time/probe_s": s["probe"],
+                "time/train_s": loop_s - s["eval"] - s["report"] - s["gsnr"] - s["probe"]}
 
     def _probe_gsnr(self, step: int) -> None:
         """GSNR of the student on a fixed probe batch (Liu et al. ICLR 2020), rank 0, logged with its cost (s)."""

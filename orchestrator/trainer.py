@@ -35,6 +35,12 @@ def evaluate(model, data: Encoded, spec: TaskSpec, pad_id: int, batch_size: int)
     Returns:
         {metric name: value}, e.g. {"accuracy": 0.81} (SST-2), {"pearson": .., "spearmanr": ..} (STS-B).
     """
+    return glue_metrics(spec, predict(model, data, pad_id, batch_size), data.labels)
+
+
+def predict(model, data: Encoded, pad_id: int, batch_size: int) -> np.ndarray:
+    """`model`'s outputs on every row of an encoded split, in row order: [N, C] float32 logits (C = 1 for
+    regression). Eval mode, no grad; batches of similar length (less padding)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -50,7 +56,7 @@ def evaluate(model, data: Encoded, spec: TaskSpec, pad_id: int, batch_size: int)
     preds = np.empty((len(order), outs[0].shape[-1]), dtype=np.float32)
     preds[order] = np.concatenate(outs)
     model.train(was_training)
-    return glue_metrics(spec, preds, data.labels)
+    return preds
 
 
 class StudentTrainer:
@@ -187,6 +193,21 @@ class StudentTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def probe_loss(self, batch: dict[str, np.ndarray]) -> float:
+        """The student's loss on labels for a fixed probe batch (`input_ids`, `attention_mask` [B, L],
+        `labels` [B]): cross-entropy (MSE for regression), eval mode (no dropout), no gradient. The adaptive
+        sampling family's reward is its drop over an interval (`orchestrator.adaptive`)."""
+        was_training = self.core.training
+        self.core.eval()
+        with torch.inference_mode():
+            logits = self.core(input_ids=torch.as_tensor(batch["input_ids"], device=self.device),
+                               attention_mask=torch.as_tensor(batch["attention_mask"], device=self.device)).logits
+        self.core.train(was_training)
+        labels = torch.as_tensor(batch["labels"], device=self.device)
+        if self.spec.task.spec.is_regression:
+            return float(torch.nn.functional.mse_loss(logits.float().squeeze(-1), labels.float()))
+        return float(torch.nn.functional.cross_entropy(logits.float(), labels.long()))
 
     @property
     def lr(self) -> float:

@@ -27,6 +27,8 @@ KEYS: dict[str, str] = {
     "mu": "distill.distribution.mu",
     "sigma": "distill.distribution.sigma",
     "eps": "distill.distribution.eps",
+    "every": "distill.distribution.every",
+    "step_size": "distill.distribution.step_size",
     "temperature": "distill.temperature",
     "alpha": "distill.alpha",
     "lr": "distill.lr",

@@ -157,3 +157,31 @@ def test_a_failure_after_training_is_a_warning_not_a_failed_run(env):
     assert res.status == "FINISHED" and run.info.status == "FINISHED"
     assert "disk full" in run.data.tags["skd.warning.plots"]
     assert (plan.student_dir / OWNED_MARK).is_file() and (plan.student_dir / "config.json").is_file()
+
+
+ADAPTIVE = ("distill.distribution.family=adaptive", "distill.distribution.eps=0.2", "distill.distribution.every=2",
+            "distill.distribution.step_size=0.5", "distill.distribution.probe_size=8")
+
+
+def test_adaptive_sampling_logs_p_and_resumes_the_same_sequence(env):
+    """The adaptive family on Ray Train: p learnt every 2 steps, logged by teacher with its plot and in the
+    summary; a run stopped after step 4 and resumed draws the same teachers and learns the same p."""
+    client = env["client"]
+    full = run_distill(env["cfg"](*ADAPTIVE, "mlflow.run_name=adaptive-full"))
+    assert full.status == "FINISHED" and set(full.probs) == {"t4", "t2"}
+    assert sum(full.probs.values()) == pytest.approx(1.0) and min(full.probs.values()) >= 0.1 - 1e-9  # floor eps/N
+    p_t4 = history(client, full.run_id, "sampler/p/t4")
+    assert [s for s, _ in p_t4] == [3, 5, 7, 9]  # learnt after steps 2, 4, 6, 8 (the probe before step 1 starts)
+    assert len(history(client, full.run_id, "sampler/reward")) == 4
+    assert full.timings["time/probe_s"] > 0
+    artifacts = {a.path for a in client.list_artifacts(full.run_id, "plots")}
+    assert "plots/sampling_p_over_time.png" in artifacts
+    stopped = run_distill(env["cfg"](*ADAPTIVE, "mlflow.run_name=adaptive-resumed"), stop_after=4)
+    assert stopped.status == "KILLED"
+    resumed = run_distill(env["cfg"](*ADAPTIVE, "mlflow.run_name=adaptive-resumed"), resume=True)
+    assert resumed.status == "FINISHED"
+    for key in ("train/teacher", "sampler/p/t4", "sampler/p/t2"):
+        mine, ref = history(client, resumed.run_id, key), history(client, full.run_id, key)
+        assert [s for s, _ in mine] == [s for s, _ in ref]
+        np.testing.assert_allclose([v for _, v in mine], [v for _, v in ref], rtol=1e-6)
+    assert resumed.probs == pytest.approx(full.probs)

@@ -141,6 +141,9 @@ def test_compare_attaches_to_the_served_pool_without_starting_teachers(env, tmp_
     assert [len(v.runs) for v in summaries] == [1, 1] and all(v.runs[0].steps == 4 for v in summaries)
     assert sum(t["requests"] for t in pool_status().values()) == before + 8  # t4 left before: t2 and t3 serve
     assert summaries[1].runs[0].counts["t2"] == 32 and len(ray.util.list_named_actors(all_namespaces=True)) == actors
+    # the paired difference from the baseline (the first variant), from the saved students' dev predictions
+    assert summaries[0].paired is None and summaries[1].paired.baseline == "skd:uniform"
+    assert summaries[1].paired.low <= summaries[1].paired.delta <= summaries[1].paired.high
 
 
 def test_stop_removes_the_pool(env):
