@@ -33,7 +33,8 @@ def start_teacher(index: int, info: TeacherInfo, settings: dict, *, name: str | 
     Args:
         index: the teacher's index in the asker's ensemble; info: its manifest entry.
         settings: {"num_cpus", "num_gpus" (resolved number), "resources", "max_restarts", "max_task_retries",
-            "regression", "threads", "device", "attn_implementation", "slots"} (see `TeacherPool.start`).
+            "regression", "threads", "device", "attn_implementation", "slots", "autocast"} (see
+            `TeacherPool.start`; "autocast" may be absent: float32).
         name / namespace: a detached, named actor in that Ray namespace (a served pool); None: owned by the caller.
         scheduling_strategy: e.g. a placement-group bundle.
     """
@@ -44,7 +45,7 @@ def start_teacher(index: int, info: TeacherInfo, settings: dict, *, name: str | 
         max_restarts=s["max_restarts"], max_task_retries=s["max_task_retries"], **named,
         scheduling_strategy=scheduling_strategy,
     ).remote(index, info.checkpoint, info.num_labels, s["regression"], s["threads"], s["device"],
-             s["attn_implementation"], s["slots"])
+             s["attn_implementation"], s["slots"], s.get("autocast"))
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ class TeacherPool:
               attn_implementation: str | None = None, wait: bool = True, max_restarts: int = 2,
               max_task_retries: int = 2, timeout_s: float | None = None, device: str = "auto",
               resources: dict[str, float] | None = None, strategy: str = "SPREAD",
-              placement_timeout_s: float = 600.0, slots: int = 1, namespace: str | None = None) -> "TeacherPool":
+              placement_timeout_s: float = 600.0, slots: int = 1, namespace: str | None = None,
+              autocast: str | None = None) -> "TeacherPool":
         """Check placement, then start one actor per active teacher (and wait until all are loaded).
 
         Args:
@@ -194,6 +196,7 @@ class TeacherPool:
             strategy: placement-group strategy over one bundle per teacher (STRICT_SPREAD: a node each).
             placement_timeout_s: how long to wait for the placement group before refusing.
             slots: forward passes each teacher runs at once (see `Teacher`).
+            autocast: "bfloat16" / "float16": teachers' forward passes under torch.autocast (see `Teacher`).
             namespace: start detached actors named `teacher-<name>` (and a detached placement group) in this
                 Ray namespace, so they outlive this driver (`skd teachers serve`); None: owned by this driver.
 
@@ -222,7 +225,7 @@ class TeacherPool:
                            f"or nodes too small); free them, add nodes, or change teachers.placement")
         settings = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources, "max_restarts": max_restarts,
                     "max_task_retries": max_task_retries, "regression": regression, "threads": threads,
-                    "device": device, "attn_implementation": attn_implementation, "slots": slots}
+                    "device": device, "attn_implementation": attn_implementation, "slots": slots, "autocast": autocast}
         pool = cls(teachers, {}, timeout_s, group)
         try:  # from here on, any failure (Ctrl-C included) releases the actors and the placement group
             for slot, i in enumerate(active):

@@ -55,10 +55,14 @@ class Teacher:
         slots: forward passes run at once (the actor is threaded: `remote_teacher`); further requests wait in
             this actor's queue (`stats()["queued"]`). More than 1 lets one teacher serve several students'
             requests in parallel (each pass uses `threads` cores on CPU).
+        autocast: "bfloat16" or "float16" runs the forward pass under `torch.autocast` in that dtype (matmuls
+            and attention in half precision, weights kept in float32; what GPUs with tensor cores run fast);
+            None: float32. Answers leave as float32 (or the request's wire dtype) either way.
     """
 
     def __init__(self, index: int, checkpoint: str, num_labels: int, regression: bool = False, threads: int = 1,
-                 device: str = "auto", attn_implementation: str | None = None, slots: int = 1) -> None:
+                 device: str = "auto", attn_implementation: str | None = None, slots: int = 1,
+                 autocast: str | None = None) -> None:
         from actors.models import load_classifier
 
         self.index = index
@@ -68,6 +72,9 @@ class Teacher:
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.attn_implementation = attn_implementation
+        if autocast not in (None, "none", "bfloat16", "float16"):
+            raise ValueError(f"autocast={autocast!r}: use None, 'bfloat16' or 'float16'")
+        self.autocast = None if autocast in (None, "none") else getattr(torch, autocast)
         self.model = load_classifier(checkpoint, num_labels, regression=regression,
                                      attn_implementation=attn_implementation).to(self.device).eval()
         config = self.model.config
@@ -131,8 +138,10 @@ class Teacher:
                              f"returns no attentions: start it with attn_implementation='eager'")
         ids = torch.tensor(batch.input_ids, device=self.device)  # [B, L] (copy: object-store arrays are read-only)
         mask = torch.tensor(batch.attention_mask, device=self.device)  # [B, L]
-        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=want_hidden,
-                         output_attentions=want_attn)
+        half = self.autocast or torch.bfloat16  # (unused when disabled)
+        with torch.autocast(self.device.type, dtype=half, enabled=self.autocast is not None):
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=want_hidden,
+                             output_attentions=want_attn)
         wire = request.wire_dtype
         answer = Knowledge(self.index, to_wire(out.logits, wire) if "logits" in request.outputs else None, 0.0)
 

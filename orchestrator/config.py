@@ -197,6 +197,9 @@ class TeachersConfig(_Strict):
                                  "load) before its teacher counts as lost; null: wait forever.")
     max_concurrency: int = Field(1, ge=1, le=16, description="Forward passes a teacher actor runs at once (requests "
                                                              "from several students or ranks); more wait in its queue.")
+    autocast: Literal["none", "bfloat16", "float16"] = Field(
+        "none", description="Teacher forward passes under torch.autocast in this dtype (GPUs: bfloat16 on tensor "
+                            "cores); answers still leave as float32 or distill.knowledge.wire_dtype.")
     pool: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
                              description="Attach to the served teacher pool of this name (`skd teachers serve`) "
                                          "instead of starting teachers; needs ray.address.")
@@ -252,8 +255,8 @@ class DistributionConfig(_Strict):
         if self.family == "weights" and not self.weights:
             raise ValueError("family 'weights' needs distill.distribution.weights, e.g. {teacher-a: 2, teacher-b: 1}")
         if self.family == "adaptive" and self.eps <= 0:
-            raise ValueError("family 'adaptive' needs distill.distribution.eps > 0, its exploration floor (every teacher "
-                             "keeps at least eps / N), e.g. eps: 0.1")
+            raise ValueError("family 'adaptive' needs distill.distribution.eps > 0, its exploration floor "
+                             "(every teacher keeps at least eps / N), e.g. eps: 0.1")
         return self
 
 

@@ -53,7 +53,8 @@ def _teachers(cfg: SkdConfig, names: list[str] | None = None) -> tuple[list[Teac
     settings = {"task": spec.name, "num_labels": spec.num_labels, "regression": spec.is_regression, "vocab": vocab,
                 "attn_implementation": "eager" if cfg.distill.knowledge.needs_attentions else None,
                 "num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "threads": t.threads, "device": t.device,
-                "resources": dict(t.resources), "slots": t.max_concurrency, "max_restarts": t.max_restarts,
+                "resources": dict(t.resources), "slots": t.max_concurrency, "autocast": t.autocast,
+                "max_restarts": t.max_restarts,
                 "max_task_retries": t.max_task_retries}
     return infos, settings
 
@@ -97,7 +98,8 @@ def serve(cfg: SkdConfig, name: str | None = None) -> dict:
             infos, list(range(len(infos))), num_cpus=t.num_cpus, num_gpus=gpus, threads=t.threads,
             regression=settings["regression"], plan=plan, attn_implementation=settings["attn_implementation"],
             max_restarts=t.max_restarts, max_task_retries=t.max_task_retries, device=t.device,
-            resources=dict(t.resources), strategy=t.placement, slots=t.max_concurrency, namespace=namespace(pool))
+            resources=dict(t.resources), strategy=t.placement, slots=t.max_concurrency, namespace=namespace(pool),
+            autocast=t.autocast)
         directory = None
         try:
             directory = ray.remote(PoolDirectory).options(

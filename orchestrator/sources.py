@@ -29,7 +29,7 @@ def start_pool(plan: RunPlan, resources: Resources, active: list[int], wait: boo
                              max_task_retries=plan.cfg.teachers.max_task_retries,
                              timeout_s=plan.cfg.teachers.knowledge_timeout_s, device=plan.cfg.teachers.device,
                              resources=dict(plan.cfg.teachers.resources), strategy=plan.cfg.teachers.placement,
-                             slots=plan.cfg.teachers.max_concurrency)
+                             slots=plan.cfg.teachers.max_concurrency, autocast=plan.cfg.teachers.autocast)
 
 
 @contextlib.contextmanager

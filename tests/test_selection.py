@@ -358,3 +358,21 @@ def test_teacher_rejects_bad_requests(teachers, tiny_model):
     k = sdpa.knowledge(_batch(), KnowledgeRequest(outputs=("hidden",), student_layers=(1,), student_num_layers=1,
                                                    tokens="first", num_tokens=2))
     assert k.hidden.shape == (2, 1, 2, 32)
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 0.05), ("float16", 0.01)])
+def test_teacher_autocast_answers_close_to_float32_as_float32(teachers, tiny_model, dtype, tol):
+    """`teachers.autocast`: the forward pass in half precision (the GPU path's bf16 inference, run here on
+    CPU); logits and hidden states still leave as float32, close to the float32 teacher's."""
+    from actors.teacher import Teacher
+
+    half = Teacher(3, str(tiny_model), 2, device="cpu", attn_implementation="eager", autocast=dtype)
+    request = KnowledgeRequest(outputs=("logits", "hidden"), student_layers=(1,), student_num_layers=1,
+                               tokens="all", width="all")
+    ref, got = teachers[0].knowledge(_batch(), request), half.knowledge(_batch(), request)
+    assert got.logits.dtype == np.float32 and got.hidden.dtype == np.float32
+    np.testing.assert_allclose(got.logits, ref.logits, atol=tol)
+    np.testing.assert_allclose(got.hidden, ref.hidden, atol=10 * tol)
+    assert not np.array_equal(got.hidden, ref.hidden)  # it did run in half precision
+    with pytest.raises(ValueError, match="autocast"):
+        Teacher(4, str(tiny_model), 2, device="cpu", autocast="int8")
