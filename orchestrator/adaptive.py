@@ -8,14 +8,15 @@ changes as the student learns):
     p_k = (1 - eps) * softmax(eta * G)_k + eps / N        over the live teachers
     G_k += r_hat_k  after every interval of `every` steps, r_hat_k = r * (n_k / n) / p_k
 
-where n_k of the interval's n steps were taught by teacher k (so r_hat_k is the importance-weighted, unbiased
-estimate of the interval reward credited to k in proportion to its steps) and r is the interval's reward:
+where n_k of the interval's n steps were taught by teacher k (r_hat_k: the interval's reward credited to k
+in proportion to its steps, importance-weighted by the p in force) and r is the interval's reward:
 the drop of the student's loss on a fixed probe batch of training examples (labels, not a teacher;
 eval mode, no dropout), measured at the interval's start and end. That is the student's improvement the
 interval produced, the signal the issue asks for. The student improves whatever it is taught early on, so r
 is centred and scaled by running (exponential, decay 0.9) estimates of its mean and mean absolute deviation,
 then clipped to [-3, 3]: teachers are rewarded for improvement above the usual, and `eta` means the same at
-every loss scale. eps is EXP3's exploration floor: every live teacher keeps at least eps / N.
+every loss scale. eps is EXP3's exploration floor: every live teacher keeps at least eps / N. Intervals mix
+teachers, so the credit each update gives is weak; a shorter `every` sharpens it at the probe's cost.
 
 Ordering, so every data-parallel rank and a resumed run draw the same teachers: the probe after 0-based
 step t (1-based `done` = t + 1) sees the same loss on every rank (the caller averages it over ranks); the p it
@@ -74,7 +75,6 @@ class AdaptiveSampler(TeacherSampler):
         self.last_loss: float | None = None
         self.queued: tuple[int, list[float]] | None = None  # (first 0-based step it applies to, p)
         self.support = list(range(n))  # the teachers p may put mass on (live, with mass under the family rule)
-        self.last_rewards = np.zeros(n)
 
     # -- the draw side -------------------------------------------------------------------------------------
     def activate(self, step: int) -> None:
@@ -100,6 +100,7 @@ class AdaptiveSampler(TeacherSampler):
             self.queued = (self.queued[0], self.probs.tolist())
 
     def padded(self, n: int) -> np.ndarray:
+        """p extended with zeros to n teachers (the bandit's state grows with it)."""
         self._grow(n)
         return super().padded(n)
 
@@ -124,11 +125,9 @@ class AdaptiveSampler(TeacherSampler):
         self.mean = DECAY * self.mean + (1 - DECAY) * raw
         self.spread = DECAY * self.spread + (1 - DECAY) * abs(raw - self.mean)
         taught = self.window.sum()
-        self.last_rewards = np.zeros(len(self.gains))
         if taught > 0:
             used = np.maximum(TeacherSampler.padded(self, len(self.gains)), 1e-12)  # p in force (most of the interval)
-            self.last_rewards = np.where(self.window > 0, r * (self.window / taught) / used, 0.0)
-            self.gains += self.last_rewards
+            self.gains += np.where(self.window > 0, r * (self.window / taught) / used, 0.0)
         self.window[:] = 0
         self.queued = (done + 1, self._rule().tolist())
         return {"sampler/reward": r, "sampler/probe_loss": float(probe_loss),
@@ -151,7 +150,6 @@ class AdaptiveSampler(TeacherSampler):
         if extra > 0:
             self.gains = np.concatenate([self.gains, np.zeros(extra)])
             self.window = np.concatenate([self.window, np.zeros(extra)])
-            self.last_rewards = np.concatenate([self.last_rewards, np.zeros(extra)])
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def adaptive_state(self) -> dict[str, Any]:
@@ -165,7 +163,6 @@ class AdaptiveSampler(TeacherSampler):
         """Restore what `adaptive_state` returned."""
         self.gains = np.asarray(state["gains"], dtype=np.float64)
         self.window = np.asarray(state["window"], dtype=np.float64)
-        self.last_rewards = np.zeros(len(self.gains))
         self.mean, self.spread, self.last_loss = state["mean"], state["spread"], state["last_loss"]
         self.probs = np.asarray(state["probs"], dtype=np.float64)
         queued = state.get("queued")
