@@ -55,6 +55,7 @@ def skd_row(cfg, name: str, wall: float, plain: dict) -> dict:
 
 
 def plain_row(wall: float, plain: dict) -> dict:
+    """The plain script's row from its JSON line (`bench/plain_kd.py`) and the command's wall seconds."""
     return {"wall_s": round(wall, 2), "loop_s": round(plain["train_s"] + plain["eval_s"], 2),
             "train_s": plain["train_s"], "samples": plain["samples"], "samples_per_s": plain["samples_per_s"],
             "dev": next(iter(plain["dev"].values()), None)}

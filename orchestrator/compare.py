@@ -61,6 +61,7 @@ class PairedDelta:
 
     @property
     def real(self) -> bool:
+        """Whether the 95% interval excludes 0 (a difference seed and dev-set noise do not explain)."""
         return self.low > 0 or self.high < 0
 
 
