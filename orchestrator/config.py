@@ -242,13 +242,21 @@ class DistributionConfig(_Strict):
     mu: float | None = Field(None, description="capacity-gaussian centre, in ln(parameters). Default: mean over teachers.")
     sigma: float = Field(1.0, gt=0, description="capacity-gaussian width, in ln(parameters).")
     weights: dict[str, float] | None = Field(None, description="family=weights: teacher name -> weight.")
-    eps: float = Field(0.0, ge=0, le=1, description="Mix with uniform: p = (1 - eps) p + eps / N (adaptive: the "
-                                                     "exploration floor, > 0).")
+    eps: float | None = Field(None, ge=0, le=1, description="Mix with uniform: p = (1 - eps) p + eps / N. Default "
+                              "0, and 0.1 for adaptive (its exploration floor, which must be > 0).")
     prepass_steps: int = Field(100, gt=0, description="student-rank: steps of each single-teacher pre-pass run.")
     every: int = Field(10, gt=0, description="adaptive: steps per p update (one probe of the student each).")
     step_size: float = Field(0.1, gt=0, description="adaptive: eta, the softmax's scale on each teacher's summed "
                                                     "standardised rewards.")
     probe_size: int = Field(32, gt=1, description="adaptive: training examples in the fixed probe batch.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_eps(cls, data):
+        """eps left out: 0 for the fixed families, 0.1 for adaptive (a floor it needs)."""
+        if isinstance(data, dict) and data.get("eps") is None:
+            data = {**data, "eps": 0.1 if data.get("family") == "adaptive" else 0.0}
+        return data
 
     @model_validator(mode="after")
     def _weights_for_family(self) -> "DistributionConfig":

@@ -129,3 +129,14 @@ def test_an_unreachable_store_with_credentials_is_a_clear_error_that_hides_them(
         with pytest.raises(SkdError, match="tracking server does not answer") as err:
             tracking.check_store(uri, timeout_s=2)
         assert "s3cret" not in str(err.value) and "***@" in str(err.value)
+
+
+def test_eps_default_follows_the_family():
+    """eps left out is 0 for the fixed families and 0.1 for adaptive; an explicit 0 with adaptive is refused."""
+    from orchestrator.config import DistributionConfig
+    assert DistributionConfig().eps == 0.0
+    assert DistributionConfig(family="teacher-rank").eps == 0.0
+    assert DistributionConfig(family="adaptive").eps == 0.1
+    assert DistributionConfig(family="adaptive", eps=0.3).eps == 0.3
+    with pytest.raises(ValueError, match="exploration floor"):
+        DistributionConfig(family="adaptive", eps=0.0)
