@@ -173,7 +173,11 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
                 help="Stop after N steps, leaving the run resumable (for preemptible slots).")] = None,
             knowledge: Annotated[Optional[str], typer.Option(
                 help="online (teacher actors) or cache:PATH (a `skd cache build` folder: no teachers loaded). "
-                     "Default: distill.knowledge.source.")] = None):
+                     "Default: distill.knowledge.source.")] = None,
+            register: Annotated[Optional[str], typer.Option(
+                "--register", is_flag=False, flag_value="default", metavar="[NAME]",
+                help="Register the finished student in the MLflow Model Registry, as NAME or skd-<task>-student "
+                     "(default: mlflow.registered_model; unset, the model is only logged to its run).")] = None):
     """Distil a student from the teacher ensemble: each step ONE teacher, drawn from the sampling
     distribution, serves soft labels and, if configured, hidden states / attentions (strategies: skd,
     no-kd, average, single:<teacher>)."""
@@ -182,11 +186,12 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
 
     try:
         extra = [f"distill.knowledge.source={knowledge}"] if knowledge else []
+        extra += [f"mlflow.registered_model={register}"] if register else []
         cfg = load_config(config, [*(set_ or []), *extra])
         if resume_from is not None and not (resume_from / "trainer_state.json").is_file():
             raise SkdError(f"--resume-from {resume_from}: not a checkpoint folder (no trainer_state.json)")
         result = run_distill(cfg, resume=resume, resume_from=str(resume_from) if resume_from else None,
-                             stop_after=stop_after)
+                             stop_after=stop_after, register_as=cfg.registered_model_name())
     except TeachersLostError as exc:
         console.print(f"resume with: {resume_command(config, set_)}", highlight=False)
         fail(exc)

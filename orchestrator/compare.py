@@ -28,7 +28,7 @@ from orchestrator.data import prepare_inputs
 from orchestrator.distill import run_distill
 from orchestrator.plan import make_plan
 from orchestrator.runner import RunResult
-from orchestrator import tracking
+from orchestrator import console, tracking
 from orchestrator.runtime import ray_session
 from orchestrator.sources import open_source
 
@@ -148,9 +148,9 @@ def run_comparison(cfg: SkdConfig, config_path: str | None, variants: list[str],
         everyone = list(range(len(shared.teachers)))
         resources = shared.resources(ray.cluster_resources(), len(everyone) if shared.uses_teacher_actors else 0)
         with open_source(shared, resources, everyone) as pool:
-            for (v, s), plan in plans.items():
-                print(f"[skd] compare: {v} seed {s}", flush=True)
-                results[v].append(run_distill(plan.cfg, source=pool, plan=plan))
+            for i, ((v, s), plan) in enumerate(plans.items(), 1):
+                with console.context(f"compare {i} of {len(plans)}: {v} seed {s}"):
+                    results[v].append(run_distill(plan.cfg, source=pool, plan=plan))
     summaries = [VariantSummary(v, results[v], inputs.spec.metric) for v in variants]
     add_paired_deltas(summaries, baseline, inputs, cfg.distill.eval_batch_size, resamples)
     return summaries

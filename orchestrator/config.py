@@ -380,6 +380,9 @@ class MlflowConfig(_Strict):
     experiment: str | None = Field(None, description="Default: skd-<task>.")
     run_name: str | None = Field(None, description="Default: <strategy>-<family>-s<seed>; also names the "
                                                     "student's folder under <output_dir>/students.")
+    registered_model: str | None = Field(
+        None, description="skd distill: register the finished student in the MLflow Model Registry under this name "
+                          "('default': skd-<task>-student). Unset: the model is logged to its run only.")
 
     @field_validator("run_name")
     @classmethod
@@ -461,6 +464,12 @@ class SkdConfig(_Strict):
 
     def experiment_name(self) -> str:
         return self.mlflow.experiment or f"skd-{self.task}"
+
+    def registered_model_name(self) -> str | None:
+        """`mlflow.registered_model` resolved: None (log the model to its run only) or the Model Registry name
+        ("default" is skd-<task>-student)."""
+        name = self.mlflow.registered_model
+        return None if name is None else f"skd-{self.task}-student" if name == "default" else name
 
     def tracking_uri(self) -> str:
         """The MLflow tracking URI with a relative sqlite path made absolute (workers run elsewhere)."""

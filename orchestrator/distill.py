@@ -18,7 +18,7 @@ import ray
 
 from actors.knowledge import KnowledgeSource
 from actors.manifest import TeacherInfo
-from orchestrator import tracking
+from orchestrator import lineage, tracking
 from orchestrator.config import SkdConfig, flatten
 from orchestrator.plan import Resources, RunPlan, make_plan
 from orchestrator.runner import RunResult, distill_spec, run_training
@@ -88,7 +88,7 @@ def _figures(plan: RunPlan):
 def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None = None,
                 stop_after: int | None = None, source: KnowledgeSource | None = None,
                 student_scores: list[float] | None = None, report_to_tune: bool = False,
-                extra_tags: dict[str, str] | None = None, register_as: str | None = "default",
+                extra_tags: dict[str, str] | None = None, register_as: str | None = None,
                 continue_run: str | None = None, plan: RunPlan | None = None) -> RunResult:
     """The main job (see module docstring).
 
@@ -102,7 +102,8 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
         student_scores: precomputed student-rank scores (a campaign computes them once for all trials).
         report_to_tune: forward dev metrics to the enclosing Ray Tune trial.
         extra_tags: more MLflow tags (a trial's parent run, trial id).
-        register_as: MLflow registered-model name for the student; "default" = skd-<task>-student, None = log only.
+        register_as: register the finished student in the MLflow Model Registry under this name (`skd distill`
+            passes `cfg.registered_model_name()`); None: log the model to its run only.
         continue_run: log into this existing MLflow run with a fresh Ray Train run from `resume_from` (the
             next segment of a PBT trial); params are not logged again.
         plan: the run plan, already made from `cfg` (a PBT trial makes it once for all its segments).
@@ -130,10 +131,11 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
             params = flatten(cfg)
             params["distill.probs"] = json.dumps([round(p, 6) for p in plan.probs]) if plan.probs else "none"
             tags = {"skd.kind": "distill", "skd.task": cfg.task, "skd.strategy": cfg.distill.strategy,
-                    "skd.distribution": plan.family, **(extra_tags or {})}
+                    "skd.distribution": plan.family, **lineage.lineage_tags(plan),
+                    "mlflow.note.content": lineage.description(plan), **(extra_tags or {})}
             return run_training(cfg, distill_spec(plan, knowledge, stop_after=stop_after, resume_from=resume_from),
                                 run_name=plan.run_name, tags=tags, params=params, resume=resume,
                                 model_out=plan.student_dir, use_gpu=resources.use_gpu,
                                 figures=_figures(plan), report_to_tune=report_to_tune,
-                                register_as=f"skd-{cfg.task}-student" if register_as == "default" else register_as,
-                                continue_run=continue_run, timings=timings)
+                                register_as=register_as, continue_run=continue_run, timings=timings,
+                                card=lambda result: lineage.model_card(plan, result))

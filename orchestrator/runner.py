@@ -23,7 +23,7 @@ import ray
 
 from actors.errors import SkdError, TeachersLostError
 from actors.knowledge import KnowledgeSource
-from orchestrator import tracking
+from orchestrator import console, lineage, tracking
 from orchestrator.config import SkdConfig
 from orchestrator.control import run_interruptible, start_control
 from orchestrator.adaptive import AdaptiveSettings
@@ -181,17 +181,21 @@ def _trainer(cfg: SkdConfig, spec: WorkerSpec, ray_name: str, use_gpu: bool, rep
 
 
 def _outputs(client, uri: str, out: RunResult, result, model_out: Path,
-             figures: Callable[..., list[Path]] | None, register_as: str | None) -> None:
-    """After training: a finished run's student copied to `model_out` and logged (registered as
-    `register_as`), and the plots; a failure to log either is a warning (`_warn_on_failure`)."""
+             figures: Callable[..., list[Path]] | None, register_as: str | None,
+             card: Callable[[RunResult], str] | None, example: str | dict[str, str] | None) -> None:
+    """After training: a finished run's student copied to `model_out` (with its model card), logged
+    (registered as `register_as` when given), and the plots; a failure to log any is a warning
+    (`_warn_on_failure`)."""
     run_id = out.run_id
     if out.status == "FINISHED" and result.checkpoint is not None:
         with result.checkpoint.as_directory() as ckpt:
             save_model(Path(ckpt) / "model", model_out)
         out.model_dir = model_out
+        if card is not None:
+            _warn_on_failure(client, run_id, "model card", lambda: (model_out / "README.md").write_text(card(out)))
         _warn_on_failure(client, run_id, "wall time", lambda: client.log_metric(run_id, "wall_s", out.wall_s))
         _warn_on_failure(client, run_id, "model logging",
-                         lambda: tracking.log_hf_model(uri, run_id, model_out, register_as))
+                         lambda: tracking.log_hf_model(uri, run_id, model_out, register_as, example))
     if figures is not None:
         def plots() -> None:
             with tempfile.TemporaryDirectory(prefix="skd-") as tmp:
@@ -203,7 +207,8 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
                  model_out: Path, use_gpu: bool, resume: bool = False,
                  figures: Callable[..., list[Path]] | None = None, register_as: str | None = None,
                  report_to_tune: bool = False, continue_run: str | None = None,
-                 timings: dict[str, float] | None = None) -> RunResult:
+                 timings: dict[str, float] | None = None, card: Callable[[RunResult], str] | None = None
+                 ) -> RunResult:
     """Run one Ray Train job inside one MLflow run.
 
     Args:
@@ -216,7 +221,9 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         use_gpu: student workers train on a GPU (from the plan's resolved `Resources`).
         resume: continue the newest unfinished run named `run_name` from its latest checkpoint.
         figures: optional callable(client, run_id, result, tmpdir) -> list of image paths to log.
-        register_as: register the final model under this MLflow model name (None: log only).
+        register_as: register the final model in the MLflow Model Registry under this name (None: log the
+            model to the run only).
+        card: optional callable(result) -> the Hugging Face model card (README.md) written beside the weights.
         report_to_tune: forward every `ray.train.report` to the enclosing Ray Tune trial.
         continue_run: log into this existing MLflow run (a PBT trial's next segment) with a fresh Ray Train
             run, starting from `spec.run.resume_from`; params and tags are not logged again.
@@ -238,6 +245,8 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
     uri = cfg.tracking_uri()
     client, exp_id = tracking.open_experiment(uri, cfg.experiment_name())
     run_id, ray_name = _open_run(cfg, client, exp_id, run_name, tags, params, resume, continue_run)
+    if not resume and continue_run is None:
+        _warn_on_failure(client, run_id, "dataset inputs", lambda: lineage.log_datasets(client, run_id, cfg))
     status, control = "FAILED", None
     try:
         control = start_control()
@@ -246,7 +255,8 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
                                                                  control=control))
         trainer = _trainer(cfg, spec, ray_name, use_gpu, report_to_tune)
         started = time.perf_counter()
-        result, interrupted = run_interruptible(trainer.fit, control)
+        with console.display().phase(run_name, total=spec.run.steps.total):
+            result, interrupted = run_interruptible(trainer.fit, control)
         names = spec.knowledge.names if spec.knowledge is not None else []
         out = _summary(run_id, run_name, result, names, time.perf_counter() - started)
         out.interrupted = interrupted and out.status != "FINISHED"  # a signal in the last steps: finished
@@ -256,7 +266,7 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
                                     f"{run_id}, marked FAILED); once the teachers can run again, continue it with "
                                     f"--resume")
         began = time.perf_counter()
-        _outputs(client, uri, out, result, model_out, figures, register_as)
+        _outputs(client, uri, out, result, model_out, figures, register_as, card, lineage.input_example(cfg))
         out.timings.update({**(timings or {}), "time/outputs_s": time.perf_counter() - began})
         _warn_on_failure(client, run_id, "timings", lambda: tracking.log_timings(client, run_id, out.timings))
         status = out.status

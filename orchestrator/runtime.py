@@ -9,6 +9,7 @@ from typing import Iterator
 
 from actors.errors import ConfigError
 from orchestrator.config import RayConfig
+from orchestrator.console import filter_worker_output
 
 # Quiet, offline-friendly defaults; users can still override them in their environment.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -50,6 +51,7 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         print(f"[skd] attached to the Ray cluster at {_gcs_address(address)} ({origin})", flush=True)
     else:
         start_local_ray(cfg.num_cpus or os.cpu_count(), env=env)
+    filter_worker_output()
     try:
         yield
     finally:

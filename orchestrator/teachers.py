@@ -20,7 +20,7 @@ from orchestrator.config import SkdConfig, TeacherMember, flatten
 from orchestrator.data import Inputs, prepare_inputs
 from orchestrator.plan import StepPlan, student_gpus
 from orchestrator.runner import run_training
-from orchestrator import tracking
+from orchestrator import console, tracking
 from orchestrator.runtime import ray_session
 from orchestrator.spec import Optimisation, RunSettings, TrainTask, WorkerSpec
 from orchestrator.trainer import evaluate
@@ -51,6 +51,10 @@ def _finetune(cfg: SkdConfig, inputs: Inputs, member: TeacherMember, out_dir: Pa
               "teacher.num_layers": str(member.num_layers), "task": cfg.task, **flatten(cfg.data, "data.")}
     res = run_training(cfg, spec, run_name=f"teacher-{member.name}", model_out=out_dir, params=params,
                        use_gpu=use_gpu, tags={"skd.kind": "teacher", "skd.task": cfg.task, "skd.teacher": member.name})
+    if res.interrupted or inputs.spec.metric not in res.dev:
+        raise TeacherError(f"teacher {member.name}: fine-tuning stopped at step {res.steps} ({res.status}) before its "
+                           f"dev evaluation; run `skd teachers prepare` again: members already in the manifest are "
+                           f"kept, this one is fine-tuned again from the start")
     return _info(member, out_dir, inputs, res.dev[inputs.spec.metric], res.run_id)
 
 
@@ -66,6 +70,8 @@ def prepare_teachers(cfg: SkdConfig, force: bool = False) -> list[TeacherInfo]:
 
     Raises:
         DataError / TeacherError: bad data or checkpoints, raised before Ray starts.
+        TeacherError: a member's fine-tuning stopped (Ctrl-C, SIGTERM) before its dev evaluation; the members
+            finished before it are in the manifest.
     """
     path = cfg.manifest_path()
     existing = {t.name: t for t in read_manifest(path)} if path.is_file() else {}
@@ -98,9 +104,10 @@ def prepare_teachers(cfg: SkdConfig, force: bool = False) -> list[TeacherInfo]:
         with ray_session(cfg.ray):
             cluster = ray.cluster_resources()
             threads = int(cfg.teachers.finetune.cpus_per_worker or max(1, cluster.get("CPU", 1)))
-            for m in todo:
-                results[m.name] = _finetune(cfg, inputs, m, path.parent / m.name, threads,
-                                            student_gpus(cfg.ray, cluster) > 0)
+            for i, m in enumerate(todo, 1):
+                with console.context(f"teacher {i} of {len(todo)}"):
+                    results[m.name] = _finetune(cfg, inputs, m, path.parent / m.name, threads,
+                                                student_gpus(cfg.ray, cluster) > 0)
                 write_manifest(path, [results[n] for n in results])  # progress survives an interruption
     teachers = [results[m.name] for m in cfg.teachers.members]
     keep = [t for n, t in existing.items() if n not in results]  # members dropped from the config stay listed

@@ -22,17 +22,26 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 PARAM_VALUE_LIMIT = 6000
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""The experiment tag that makes MLflow 3's UI open an experiment on its training runs (without it the UI
+guesses, and opens skd's experiments on the GenAI overview of traces)."""
+
+
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path | None = None) -> str:
-    """Get or create an experiment; with a sqlite store, artifacts go to `artifact_root` (absolute)."""
+    """Get or create an experiment, tagged `EXPERIMENT_KIND` (an existing one without the tag gets it); with a
+    sqlite store, artifacts go to `artifact_root` (absolute). Returns the experiment id."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in exp.tags:  # a kind the user chose stays
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if artifact_root is not None:
         artifact_root.mkdir(parents=True, exist_ok=True)
         location = artifact_root.resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def check_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
@@ -454,8 +463,11 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
-def log_hf_model(tracking_uri: str, run_id: str, model_dir: Path, registered_name: str | None = None) -> str:
-    """Log a `save_pretrained` classifier folder as an MLflow transformers model (text-classification).
+def log_hf_model(tracking_uri: str, run_id: str, model_dir: Path, registered_name: str | None = None,
+                 input_example: str | dict[str, str] | None = None) -> str:
+    """Log a `save_pretrained` classifier folder to the run as an MLflow transformers model
+    (text-classification pipeline; MLflow infers its signature, string in, label and score out), with an
+    input example; register it in the Model Registry only when `registered_name` is given.
 
     Requirements are given explicitly: MLflow's inference imports optional packages (torchvision) that a
     CPU install lacks. Returns the model URI (models:/...).
@@ -474,6 +486,6 @@ def log_hf_model(tracking_uri: str, run_id: str, model_dir: Path, registered_nam
     with mlflow.start_run(run_id=run_id):  # the caller sets the final status afterwards
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer}, name="student",
-            task="text-classification", registered_model_name=registered_name,
+            task="text-classification", registered_model_name=registered_name, input_example=input_example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"])
     return info.model_uri

@@ -25,6 +25,7 @@ import torch
 from actors.errors import TeachersLostError
 from actors.knowledge import Knowledge
 from orchestrator.data import StepBatches
+from orchestrator.console import progress_line
 from orchestrator.control import StopPoller
 from orchestrator.feed import KnowledgeFeed
 from orchestrator.spec import WorkerSpec
@@ -230,9 +231,8 @@ class DistillRecipe:
         self.logger.flush()
         if self.rank == 0:
             eta = (total - step) * elapsed / max(1, (n + served) / served)
-            print(f"[skd] step {step}/{total} loss {terms['loss'].item():.4f} (hard {terms['loss_hard'].item():.4f} "
-                  f"kd {terms['loss_kd'].item():.4f}) {rate:.1f} samples/s wait {waited + wait:.2f}s ETA {eta:.0f}s",
-                  flush=True)
+            print(progress_line(step, total, terms["loss"].item(), terms["loss_hard"].item(), terms["loss_kd"].item(),
+                                rate, waited + wait, eta), flush=True)
         self.window = (time.perf_counter(), 0, 0.0)
 
     def _probs(self) -> dict[str, float]:

@@ -101,6 +101,48 @@ def test_distill_skd_logs_everything_and_saves_a_loadable_student(env, weights_r
                                                             if k.startswith("time/")}
 
 
+def test_a_run_shows_its_data_teachers_and_card_and_registers_nothing_unless_asked(env, weights_run):
+    """What the MLflow UI and the Hub read: the experiment kind, dataset inputs, lineage tags and
+    description, the model card beside the weights, the input example; no registry entry by default, one
+    when a name is given."""
+    import yaml
+
+    from orchestrator import tracking
+
+    client, res = env["client"], weights_run
+    assert client.get_experiment(env["exp"]).tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(res.run_id)
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"sst2-train", "sst2-dev"}
+    train_tags = {t.key: t.value for t in inputs["sst2-train"].tags}
+    assert train_tags["mlflow.data.context"] == "training" and train_tags["max_length"] == "32"
+    assert train_tags["subset"] == "first 64 of 67349 rows after a shuffle with seed 0"
+    assert json.loads(inputs["sst2-train"].dataset.profile)["num_rows"] == 64
+    assert json.loads(inputs["sst2-train"].dataset.source)["uri"].endswith("/SST-2/train.tsv")
+    teacher_runs = {t.data.tags["skd.teacher"]: t.info.run_id for t in runs(env, "teacher")}
+    assert json.loads(run.data.tags["skd.teacher_runs"]) == teacher_runs
+    assert run.data.tags["skd.teacher.t4.run_id"] == teacher_runs["t4"]
+    note = run.data.tags["mlflow.note.content"]
+    assert "| t4 | 4 |" in note and "0.750" in note and teacher_runs["t2"] in note
+    card = (res.model_dir / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["pipeline_tag"] == "text-classification" and meta["datasets"] == ["nyu-mll/glue"]
+    [result] = meta["model-index"][0]["results"]
+    assert result["metrics"][0] == {"type": "accuracy", "value": pytest.approx(res.dev["accuracy"], abs=1e-4)}
+    assert res.run_id in card and "| t2 | 2 |" in card
+    [logged] = client.search_logged_models([env["exp"]], filter_string=f"source_run_id = '{res.run_id}'")
+    model_files = {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
+    assert "input_example.json" in model_files and "MLmodel" in model_files
+    assert client.search_registered_models() == []  # the default: logged to the run, not registered
+    # asked for a name: registered (on a run of its own, so the module's runs keep one model each)
+    other = client.create_run(env["exp"], run_name="register-check").info.run_id
+    tracking.log_hf_model(env["cfg"]().tracking_uri(), other, res.model_dir, "skd-sst2-student", "a fine film")
+    [registered] = client.search_registered_models()
+    assert registered.name == "skd-sst2-student"
+    assert env["cfg"]("mlflow.registered_model=default").registered_model_name() == "skd-sst2-student"
+    assert env["cfg"]().registered_model_name() is None
+
+
 def test_resume_reproduces_the_teacher_sequence_and_losses(env, weights_run):
     client, full = env["client"], weights_run
     stopped = run_distill(env["cfg"](*WEIGHTS, "mlflow.run_name=interrupted"), stop_after=4)

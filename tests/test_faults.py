@@ -143,6 +143,10 @@ def test_ctrl_c_on_the_driver_ends_the_run_killed_with_a_checkpoint_and_resume_f
     text = log.read_text()
     assert code == 130, text[-3000:]
     assert "SIGINT: stopping at the next step boundary" in text and "--resume" in text
+    # the console, not a terminal here: a phase line, plain progress lines, no Ray noise or worker prefixes
+    assert "[skd] interrupted: 160 steps" in text and "\n[skd] step 5/160 loss " in text
+    assert "PreemptionWatcher" not in text and "Reporting training result" not in text
+    assert "(RayTrainWorker pid=" not in text and "Autoscaler status" not in text
     client = env["client"]
     exp = client.get_experiment_by_name("skd-test").experiment_id
     [run] = client.search_runs([exp], "tags.`mlflow.runName` = 'interrupted'")
