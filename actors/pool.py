@@ -265,6 +265,10 @@ class TeacherPool:
         """Indices of the teachers with a started actor."""
         return sorted(self.actors)
 
+    def stats_refs(self) -> dict[int, ray.ObjectRef]:
+        """Each live teacher's `Teacher.stats()`, asked without waiting: teacher index -> reference."""
+        return {k: self.actors[k].stats.remote() for k in self.live()}
+
     def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
         """Ask teacher k for knowledge of a batch without waiting (prefetch)."""
         return PendingAnswers([self.actors[k].knowledge.remote(batch, request)], [k], k, self.timeout_s)

@@ -255,6 +255,10 @@ class ServedPool:
     def _actor(self, k: int):
         return self.view.handles[self.members[k]]
 
+    def stats_refs(self) -> dict[int, ray.ObjectRef]:
+        """Each live teacher's `Teacher.stats()`, asked without waiting (as `TeacherPool.stats_refs`)."""
+        return {k: self._actor(k).stats.remote() for k in self.live()}
+
     def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
         """Ask teacher k without waiting (as `TeacherPool.submit`)."""
         return PendingAnswers([self._actor(k).knowledge.remote(batch, request)], [k], k, self.timeout_s)

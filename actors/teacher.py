@@ -184,11 +184,19 @@ class Teacher:
     def stats(self) -> dict[str, float]:
         """What this teacher served and where: {"requests", "examples", "compute_s" (seconds in forward
         passes), "queued" (requests waiting for a slot now), "running", "slots", "device", "node" (the Ray
-        node id; None in-process without Ray)}. Answered at once, not behind queued requests."""
+        node id; None in-process without Ray)}, and its process's use: "clock_s" (this process's monotonic
+        clock, seconds), "cpu_s" (CPU seconds of all its threads), "rss_bytes" (resident memory),
+        "gpu_memory_bytes" (torch's allocated CUDA memory; 0 on CPU). Answered at once, not behind queued
+        requests."""
+        import psutil
+
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        gpu = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         return {"requests": self.requests, "examples": self.examples, "compute_s": self.compute_s,
                 "queued": self.queued, "running": self.running, "slots": self.slots,
-                "device": str(self.device), "node": node}
+                "device": str(self.device), "node": node, "clock_s": time.monotonic(),
+                "cpu_s": time.process_time(), "rss_bytes": psutil.Process().memory_info().rss,
+                "gpu_memory_bytes": gpu}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> int:

@@ -380,6 +380,8 @@ class MlflowConfig(_Strict):
     experiment: str | None = Field(None, description="Default: skd-<task>.")
     run_name: str | None = Field(None, description="Default: <strategy>-<family>-s<seed>; also names the "
                                                     "student's folder under <output_dir>/students.")
+    system_metrics_s: float = Field(10.0, ge=0, description="Seconds between MLflow system-metric samples (CPU, "
+                                    "memory, GPU) on each student worker; 0: off.")
     registered_model: str | None = Field(
         None, description="skd distill: register the finished student in the MLflow Model Registry under this name "
                           "('default': skd-<task>-student). Unset: the model is logged to its run only.")

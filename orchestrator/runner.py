@@ -252,7 +252,8 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         control = start_control()
         spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, tracking_uri=uri, run_id=run_id,
                                                                  spill_dir=str(cfg.out_dir() / "metrics-spill"),
-                                                                 control=control))
+                                                                 control=control,
+                                                                 system_metrics_s=cfg.mlflow.system_metrics_s))
         trainer = _trainer(cfg, spec, ray_name, use_gpu, report_to_tune)
         started = time.perf_counter()
         with console.display().phase(run_name, total=spec.run.steps.total):

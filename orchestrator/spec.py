@@ -94,6 +94,7 @@ class RunSettings:
         tracking_uri / run_id: the MLflow run the driver opened (filled by `runner.run_training`).
         control: the driver's `orchestrator.control.RunControl` actor (stop on Ctrl-C); None: no control.
         spill_dir: where rank 0 keeps metrics while MLflow is unreachable (`<output_dir>/metrics-spill`).
+        system_metrics_s: seconds between MLflow system-metric samples on each worker (0: off).
     """
 
     steps: StepPlan
@@ -109,6 +110,7 @@ class RunSettings:
     run_id: str = ""
     control: Any = None
     spill_dir: str = ""
+    system_metrics_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from orchestrator.control import StopPoller
 from orchestrator.feed import KnowledgeFeed
 from orchestrator.spec import WorkerSpec
 from orchestrator.trainer import StudentTrainer
+from orchestrator.usage import TeacherUsage, start_system_metrics
 
 
 def _fetch(value):
@@ -77,6 +78,9 @@ class DistillRecipe:
         spill = Path(run.spill_dir) / f"{run.run_id}.jsonl" if run.spill_dir else None
         self.logger = MetricLogger(run.tracking_uri, run.run_id, enabled=self.rank == 0, spill_path=spill)
         self.stop = StopPoller(run.control)
+        self.system = start_system_metrics(run.run_id, run.tracking_uri, self.rank, self.world,
+                                           run.system_metrics_s if run.run_id else 0, resumed=self.start > 0)
+        self.usage = TeacherUsage(kn.source, lambda: self.names) if kn is not None and self.rank == 0 else None
         self.spent["setup"] = time.perf_counter() - set_up
 
     def _max_over_ranks(self, values: list[int]) -> list[int]:
@@ -227,6 +231,7 @@ class DistillRecipe:
         elapsed = time.perf_counter() - start
         rate = (n + served) / max(elapsed, 1e-9)
         self.logger.log({"train/samples_per_s": rate, **self._teacher_samples(), **self._pool_metrics(),
+                         **(self.usage.poll() if self.usage is not None else {}),
                          **({"teachers/alive": len(self.feed.live())} if self.names else {})}, step)
         self.logger.flush()
         if self.rank == 0:
@@ -301,7 +306,10 @@ class DistillRecipe:
         self.spent["gsnr"] += time.perf_counter() - t0
 
     def cleanup(self) -> None:
-        """Send every buffered metric (waiting for a tracking store that is down, see `MetricLogger.close`)."""
+        """Stop the system-metrics monitor; send every buffered metric (waiting for a tracking store that is
+        down, see `MetricLogger.close`)."""
+        if self.system is not None:
+            self.system.finish()
         self.logger.close()
 
 

@@ -58,7 +58,7 @@ WEIGHTS = ("distill.distribution.family=weights", "distill.distribution.weights=
 @pytest.fixture(scope="module")
 def weights_run(env):
     """One uninterrupted SKD run with explicit weights (checked in detail, and the reference for resume)."""
-    return run_distill(env["cfg"](*WEIGHTS))
+    return run_distill(env["cfg"](*WEIGHTS, "mlflow.system_metrics_s=0.5"))
 
 
 def test_distill_skd_logs_everything_and_saves_a_loadable_student(env, weights_run):
@@ -141,6 +141,14 @@ def test_a_run_shows_its_data_teachers_and_card_and_registers_nothing_unless_ask
     assert registered.name == "skd-sst2-student"
     assert env["cfg"]("mlflow.registered_model=default").registered_model_name() == "skd-sst2-student"
     assert env["cfg"]().registered_model_name() is None
+    # which side is busy: the student's machine (MLflow system metrics) and each teacher actor's process
+    metrics = run.data.metrics
+    assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
+    for name in ("t4", "t2"):
+        assert metrics[f"teachers/{name}/rss_mb"] > 50  # a process with torch and a model loaded
+    busy = history(client, res.run_id, "teachers/t4/busy_percent")
+    cpu = history(client, res.run_id, "teachers/t4/cpu_percent")
+    assert busy and cpu and all(0 <= v <= 100.5 for _, v in busy) and all(v >= 0 for _, v in cpu)
 
 
 def test_resume_reproduces_the_teacher_sequence_and_losses(env, weights_run):
