@@ -1,4 +1,5 @@
-# make demo: set up .venv and run the main job on SST-2 (local Ray, SQLite MLflow, packaged MiniLM).
+# make demo: set up .venv and run the main job on SST-2 at a demo budget (configs/demo.yaml; the full run:
+# configs/sst2.yaml), with a local Ray, an SQLite MLflow store and the packaged MiniLM.
 # make test: set up .venv, check the import layers and run the test suite (what .ci/run calls).
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,8 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/skd teachers prepare -c configs/sst2.yaml
-	$(BIN)/skd distill -c configs/sst2.yaml
+	$(BIN)/skd teachers prepare -c configs/demo.yaml
+	$(BIN)/skd distill -c configs/demo.yaml
 
 test: $(VENV)/.installed
 	$(BIN)/lint-imports  # layers: tuning > orchestrator > actors, no import cycles (pyproject.toml)

@@ -6,6 +6,7 @@ One module-scoped cluster; teachers are prepared once for the module.
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import numpy as np
 import pytest
@@ -99,6 +100,23 @@ def test_distill_skd_logs_everything_and_saves_a_loadable_student(env, weights_r
     assert t["time/fit_s"] > t["time/loop_s"] and t["time/plan_s"] > 0 and t["time/outputs_s"] > 0
     assert {k: pytest.approx(v) for k, v in t.items()} == {k: v for k, v in run.data.metrics.items()
                                                             if k.startswith("time/")}
+
+
+def test_the_mlflow_ui_shows_the_kind_data_and_lineage_and_no_registered_model(env, weights_run, tmp_path):
+    """`mlflow ui` as skd prints it, on 127.0.0.1, read through the REST API (before anything registers)."""
+    from orchestrator.runtime import free_port
+    from tests.faultkit import stop
+    from tests.uikit import start_mlflow_ui, ui_problems
+
+    port = free_port()
+    ui = start_mlflow_ui(env["cfg"]().tracking_uri(), port, tmp_path / "ui.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert ui_problems(base, "skd-test") == []
+        with urllib.request.urlopen(base + "/", timeout=120) as page:  # the UI itself, not only the API
+            assert page.status == 200 and b"<html" in page.read().lower()
+    finally:
+        stop(ui)
 
 
 def test_a_run_shows_its_data_teachers_and_card_and_registers_nothing_unless_asked(env, weights_run):
