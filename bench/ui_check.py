@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.runtime import free_port  # noqa: E402
 from tests.faultkit import stop  # noqa: E402
+from orchestrator.tracking import experiment_url  # noqa: E402
 from tests.uikit import rest, start_mlflow_ui, ui_problems  # noqa: E402
 
 
@@ -68,9 +69,9 @@ def main() -> int:
                 runs = rest(base, "runs/search", {"experiment_ids": [exp_id], "max_results": 1,
                                                   "filter": "tags.`skd.kind` = 'distill'" + wanted,
                                                   "order_by": ["attributes.start_time DESC"]}).get("runs", [])
-                pages = {"experiment.png": f"{base}/#/experiments/{exp_id}"}
+                pages = {"experiment.png": experiment_url(base, exp_id)}
                 if runs:
-                    pages["run.png"] = f"{base}/#/experiments/{exp_id}/runs/{runs[0]['info']['run_id']}"
+                    pages["run.png"] = experiment_url(base, exp_id, runs[0]["info"]["run_id"])
                 for name, url in pages.items():
                     screenshot(url, args.screenshots / name)
                     shots.append(str(args.screenshots / name))

@@ -9,6 +9,7 @@ exit with status 2.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -182,7 +183,7 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
     distribution, serves soft labels and, if configured, hidden states / attentions (strategies: skd,
     no-kd, average, single:<teacher>)."""
     from orchestrator.distill import run_distill
-    from orchestrator.tracking import ui_command
+    from orchestrator.tracking import browse_hint
 
     try:
         extra = [f"distill.knowledge.source={knowledge}"] if knowledge else []
@@ -225,7 +226,12 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
     console.print(table)
     if result.status == "KILLED":
         console.print(f"stopped early; continue with: {resume_command(config, set_)}", highlight=False)
-    console.print(f"browse runs: [bold]{ui_command(cfg.tracking_uri())}[/]", highlight=False)
+    from mlflow.tracking import MlflowClient
+
+    with contextlib.suppress(Exception):  # the summary stands without the link
+        exp_id = MlflowClient(cfg.tracking_uri()).get_run(result.run_id).info.experiment_id
+        console.print(f"browse: {browse_hint(cfg.tracking_uri(), exp_id, result.run_id)}", highlight=False,
+                      markup=False, soft_wrap=True)
     if result.interrupted:
         raise typer.Exit(130)
 

@@ -463,6 +463,28 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
+def browse_hint(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """How to look at an experiment (or run) in the MLflow UI: a server's page (credentials left out), or
+    for a local store the `ui_command` and the page to open once it runs."""
+    import urllib.parse
+
+    if tracking_uri.startswith(("http://", "https://")):
+        url = urllib.parse.urlsplit(tracking_uri)
+        host = url.hostname + (f":{url.port}" if url.port else "")
+        base = urllib.parse.urlunsplit((url.scheme, host, url.path.rstrip("/"), "", ""))
+        return f"open {experiment_url(base, experiment_id, run_id)}"
+    return f"{ui_command(tracking_uri)}, then open {experiment_url('http://127.0.0.1:5000', experiment_id, run_id)}"
+
+
+def experiment_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment's training runs (or of one run) at `base` (e.g.
+    http://127.0.0.1:5000). MLflow 3's UI remembers a GenAI / model-training view per browser and starts on
+    GenAI; the `workflowType=machine_learning` parameter opens the model-training view (the experiment's
+    `mlflow.experimentKind` tag decides only where that switch is off)."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
+
+
 def log_hf_model(tracking_uri: str, run_id: str, model_dir: Path, registered_name: str | None = None,
                  input_example: str | dict[str, str] | None = None) -> str:
     """Log a `save_pretrained` classifier folder to the run as an MLflow transformers model

@@ -57,3 +57,13 @@ def test_a_terminal_shows_a_live_bar_fed_by_the_progress_lines():
     assert "skd-uniform-s0" in text and "250/500" in text and "loss 0.4321" in text
     assert "[skd] eval step 250" in text and "PreemptionWatcher" not in text
     assert "[skd] step 250/500" not in text  # the bar shows it instead of the line
+
+
+def test_the_browse_hint_opens_the_training_view_and_never_shows_credentials():
+    from orchestrator.tracking import browse_hint
+
+    local = browse_hint("sqlite:////tmp/x/mlflow.db", "3", "abc")
+    assert local == ("mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db --host 127.0.0.1 --port 5000, then open "
+                     "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    server = browse_hint("https://user:s3cret@mlflow.example.org:8443/", "7")
+    assert server == "open https://mlflow.example.org:8443/#/experiments/7/runs?workflowType=machine_learning"

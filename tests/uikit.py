@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -43,8 +44,11 @@ def rest(base: str, path: str, body: dict | None = None) -> dict:
     url = f"{base}/api/2.0/mlflow/{path}"
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as answer:  # slow first answers on a busy machine
-        return json.loads(answer.read() or b"{}")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:  # slow first answers on a busy machine
+            return json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{url}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
 
 
 def ui_problems(base: str, experiment: str, registered: set[str] = frozenset()) -> list[str]:
@@ -57,8 +61,9 @@ def ui_problems(base: str, experiment: str, registered: set[str] = frozenset()) 
     tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
     if tags.get("mlflow.experimentKind") != "custom_model_development":
         found.append(f"experiment {experiment}: mlflow.experimentKind is {tags.get('mlflow.experimentKind')!r}")
-    runs = rest(base, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1000,
-                                      "filter": "tags.`skd.kind` IN ('distill', 'teacher')"}).get("runs", [])
+    runs = [run for run in rest(base, "runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                      "max_results": 1000}).get("runs", [])
+            if any(t["key"] == "skd.kind" and t["value"] in ("distill", "teacher") for t in run["data"].get("tags", []))]
     if not runs:
         found.append(f"experiment {experiment}: no distill or teacher runs")
     for run in runs:

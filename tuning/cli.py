@@ -24,7 +24,7 @@ def tune(config: ConfigOpt, set_: SetOpt = None,
          resume: Annotated[bool, typer.Option(help="Continue the newest unfinished campaign of this name.")] = False):
     """Ray Tune campaign over sampling distributions and KD settings: one shared teacher pool, a parent
     MLflow run per campaign and a nested run per trial."""
-    from orchestrator.tracking import ui_command
+    from orchestrator.tracking import browse_hint
     from tuning.campaign import run_campaign
 
     extra = [f"tune.{k}={v}" for k, v in (("num_samples", num_samples), ("scheduler", scheduler),
@@ -47,7 +47,9 @@ def tune(config: ConfigOpt, set_: SetOpt = None,
                       "-" if t["gsnr_mean"] is None else f"{t['gsnr_mean']:.3g}", *cells)
     console.print(table)
     console.print(f"campaign run {result.parent_run_id} in experiment {cfg.experiment_name()} "
-                  f"(id {result.experiment_id}); browse: [bold]{ui_command(cfg.tracking_uri())}[/]", highlight=False)
+                  f"(id {result.experiment_id}); browse: "
+                  f"{browse_hint(cfg.tracking_uri(), result.experiment_id, result.parent_run_id)}",
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -45,8 +45,8 @@ def list_runs(tracking_uri: str, experiment: str, console: Console, limit: int =
         for c in sorted(children.get(r.info.run_id, []), key=lambda c: c.info.start_time or 0):
             _row(table, c, "  └ ")
     console.print(table)
-    console.print(f"browse: {tracking.ui_command(tracking_uri)}  (experiment id {exp.experiment_id})",
-                  highlight=False)
+    console.print(f"browse: {tracking.browse_hint(tracking_uri, exp.experiment_id)}", highlight=False, markup=False,
+                  soft_wrap=True)
     return shown
 
 
