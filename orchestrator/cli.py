@@ -176,7 +176,7 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
                 help="online (teacher actors) or cache:PATH (a `skd cache build` folder: no teachers loaded). "
                      "Default: distill.knowledge.source.")] = None,
             register: Annotated[Optional[str], typer.Option(
-                "--register", is_flag=False, flag_value="default", metavar="[NAME]",
+                "--register", metavar="[NAME]",
                 help="Register the finished student in the MLflow Model Registry, as NAME or skd-<task>-student "
                      "(default: mlflow.registered_model; unset, the model is only logged to its run).")] = None):
     """Distil a student from the teacher ensemble: each step ONE teacher, drawn from the sampling

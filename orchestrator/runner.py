@@ -182,7 +182,7 @@ def _trainer(cfg: SkdConfig, spec: WorkerSpec, ray_name: str, use_gpu: bool, rep
 
 def _outputs(client, uri: str, out: RunResult, result, model_out: Path,
              figures: Callable[..., list[Path]] | None, register_as: str | None,
-             card: Callable[[RunResult], str] | None, example: str | dict[str, str] | None) -> None:
+             card: Callable[[RunResult], str] | None, example: Callable[[], str | dict[str, str] | None]) -> None:
     """After training: a finished run's student copied to `model_out` (with its model card), logged
     (registered as `register_as` when given), and the plots; a failure to log any is a warning
     (`_warn_on_failure`)."""
@@ -195,7 +195,7 @@ def _outputs(client, uri: str, out: RunResult, result, model_out: Path,
             _warn_on_failure(client, run_id, "model card", lambda: (model_out / "README.md").write_text(card(out)))
         _warn_on_failure(client, run_id, "wall time", lambda: client.log_metric(run_id, "wall_s", out.wall_s))
         _warn_on_failure(client, run_id, "model logging",
-                         lambda: tracking.log_hf_model(uri, run_id, model_out, register_as, example))
+                         lambda: tracking.log_hf_model(uri, run_id, model_out, register_as, example()))
     if figures is not None:
         def plots() -> None:
             with tempfile.TemporaryDirectory(prefix="skd-") as tmp:
@@ -267,7 +267,7 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
                                     f"{run_id}, marked FAILED); once the teachers can run again, continue it with "
                                     f"--resume")
         began = time.perf_counter()
-        _outputs(client, uri, out, result, model_out, figures, register_as, card, lineage.input_example(cfg))
+        _outputs(client, uri, out, result, model_out, figures, register_as, card, lambda: lineage.input_example(cfg))
         out.timings.update({**(timings or {}), "time/outputs_s": time.perf_counter() - began})
         _warn_on_failure(client, run_id, "timings", lambda: tracking.log_timings(client, run_id, out.timings))
         status = out.status

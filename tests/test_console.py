@@ -67,3 +67,13 @@ def test_the_browse_hint_opens_the_training_view_and_never_shows_credentials():
                      "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
     server = browse_hint("https://user:s3cret@mlflow.example.org:8443/", "7")
     assert server == "open https://mlflow.example.org:8443/#/experiments/7/runs?workflowType=machine_learning"
+
+
+def test_register_takes_an_optional_name():
+    from tuning.cli import fill_optional_values
+
+    assert fill_optional_values(["distill", "-c", "x.yaml", "--register"]) == [
+        "distill", "-c", "x.yaml", "--register", "default"]
+    assert fill_optional_values(["distill", "--register", "--set", "a=1"]) == [
+        "distill", "--register", "default", "--set", "a=1"]
+    assert fill_optional_values(["distill", "--register", "mine"]) == ["distill", "--register", "mine"]

@@ -76,12 +76,28 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+OPTIONAL_VALUES = {"--register": "default"}
+"""Options whose value may be left out (`skd distill --register` registers as skd-<task>-student), and the
+value they then take: typer has no optional-value options, so `main` fills the value in."""
+
+
+def fill_optional_values(args: list[str]) -> list[str]:
+    """`args` with the value of an `OPTIONAL_VALUES` option filled in where it is followed by nothing or by
+    another option (`--register --set x=1` -> `--register default --set x=1`)."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in OPTIONAL_VALUES and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
+
+
 def main() -> None:
     """Console entry point (`skd`)."""
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
-    app(prog_name="skd")
+    app(args=fill_optional_values(sys.argv[1:]), prog_name="skd")
 
 
 if __name__ == "__main__":
