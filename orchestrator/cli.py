@@ -281,6 +281,9 @@ def compare(config: ConfigOpt, set_: SetOpt = None,
         summaries = run_comparison(cfg, str(config), list(variant), list(seed), list(set_ or []), baseline)
     except SkdError as exc:
         fail(exc)
+    except KeyboardInterrupt as exc:
+        console.print(f"interrupted: {exc or 'stopped at once'}", highlight=False)
+        raise typer.Exit(130)
     metric = summaries[0].metric
     base = baseline or summaries[0].variant
     table = Table(title=f"skd compare: {cfg.task}, seeds {list(seed)} (mean ± sample std; Δ = paired difference "

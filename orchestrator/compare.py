@@ -33,6 +33,11 @@ from orchestrator.runtime import ray_session
 from orchestrator.sources import open_source
 
 
+class ComparisonInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a comparison; the message says where (a KeyboardInterrupt, so the command
+    exits 130)."""
+
+
 def variant_overrides(variant: str) -> list[str]:
     """`no-kd`, `average`, `single:<teacher>` or `skd:<family>` as `--set` overrides.
 
@@ -132,6 +137,7 @@ def run_comparison(cfg: SkdConfig, config_path: str | None, variants: list[str],
 
     Raises:
         SkdError: any variant's bad input or a baseline that is not one of the variants, before Ray starts.
+        ComparisonInterrupted: Ctrl-C or SIGTERM stopped a run (the runs after it are not started).
     """
     baseline = baseline or variants[0]
     if baseline not in variants:
@@ -151,6 +157,10 @@ def run_comparison(cfg: SkdConfig, config_path: str | None, variants: list[str],
             for i, ((v, s), plan) in enumerate(plans.items(), 1):
                 with console.context(f"compare {i} of {len(plans)}: {v} seed {s}"):
                     results[v].append(run_distill(plan.cfg, source=pool, plan=plan))
+                if results[v][-1].interrupted:  # Ctrl-C / SIGTERM ends the comparison, not just this run
+                    raise ComparisonInterrupted(f"stopped during {v} seed {s} (run {plan.run_name}, resumable "
+                                                f"with skd distill --resume); {i - 1} of {len(plans)} runs had "
+                                                f"finished, their students are saved and in MLflow")
     summaries = [VariantSummary(v, results[v], inputs.spec.metric) for v in variants]
     add_paired_deltas(summaries, baseline, inputs, cfg.distill.eval_batch_size, resamples)
     return summaries

@@ -23,15 +23,25 @@ def start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
                              "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
                              "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    return wait_until_healthy(proc, port, root / "server.log", 120)
+
+
+def wait_until_healthy(proc: subprocess.Popen, port: int, log: Path, timeout_s: float) -> subprocess.Popen:
+    """`proc` once an MLflow server it runs answers /health on 127.0.0.1:`port`.
+
+    Raises:
+        RuntimeError: no answer within `timeout_s` seconds, or the process ended (the server is stopped
+            and the end of its `log` is in the message).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                 return proc
         except OSError:
             time.sleep(0.3)
     stop(proc)
-    raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+    raise RuntimeError(f"the MLflow server did not start: {log.read_text()[-2000:]}")
 
 
 def stop(proc: subprocess.Popen) -> None:

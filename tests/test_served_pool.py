@@ -146,6 +146,34 @@ def test_compare_attaches_to_the_served_pool_without_starting_teachers(env, tmp_
     assert summaries[1].paired.low <= summaries[1].paired.delta <= summaries[1].paired.high
 
 
+def test_ctrl_c_ends_the_whole_comparison_not_just_its_current_run(env, tmp_path):
+    """The first SIGINT stops the running variant with a checkpoint, and no later variant starts."""
+    import json
+    import os
+    import signal
+
+    import yaml
+
+    from orchestrator.compare import ComparisonInterrupted, run_comparison
+    from tests.faultkit import checkpoint_written
+
+    cfg = env["cfg"]("distill.max_steps=400", "distill.checkpoint_every=10", "distill.eval_every=400",
+                     "distill.log_every=5", "distill.seed=7")
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json(exclude_none=True, exclude={"tune"}))))
+    first = threading.Thread(target=lambda: when(checkpoint_written(cfg.storage_path(), "skd-uniform-s7"),
+                                                lambda: True, timeout_s=300) and os.kill(os.getpid(), signal.SIGINT))
+    first.start()
+    with pytest.raises(ComparisonInterrupted, match=r"stopped during skd:uniform seed 7 .* 0 of 2 runs had finished"):
+        run_comparison(cfg, str(path), ["skd:uniform", "single:t2"], [7], [])
+    first.join()
+    client = MlflowClient(cfg.tracking_uri())
+    exp = client.get_experiment_by_name(cfg.experiment_name()).experiment_id
+    [stopped] = client.search_runs([exp], "attributes.run_name = 'skd-uniform-s7'")
+    assert stopped.info.status == "KILLED"
+    assert client.search_runs([exp], "attributes.run_name = 'single-t2-s7'") == []
+
+
 def test_stop_removes_the_pool(env):
     with serving.connect(None, env["address"]):
         assert sorted(serving.stop("p")) == ["t2", "t3"]

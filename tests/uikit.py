@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,23 +19,13 @@ def start_mlflow_ui(store_uri: str, port: int, log: Path) -> subprocess.Popen:
         RuntimeError: it did not come up within 240 s (the end of its log is in the message); it takes 10-20 s
             on an idle 2-core machine and minutes when training runs share the cores.
     """
+    from tests.faultkit import wait_until_healthy
+
     out = open(log, "a")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", store_uri,
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.3)
-    from tests.faultkit import stop
-
-    stop(proc)
-    raise RuntimeError(f"mlflow ui did not start: {log.read_text()[-2000:]}")
+    return wait_until_healthy(proc, port, log, 240)
 
 
 def rest(base: str, path: str, body: dict | None = None) -> dict:
