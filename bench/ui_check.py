@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("--store", required=True, help="MLflow tracking URI, e.g. sqlite:///mlflow.db")
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--registered", action="append", default=[], help="A model name that may be registered.")
-    parser.add_argument("--screenshots", type=Path, help="Folder for experiment.png and run.png.")
+    parser.add_argument("--screenshots", type=Path, help="Folder for mlflow-experiment.png and mlflow-run.png.")
     parser.add_argument("--run-name", help="The run whose page to photograph (default: the newest distill run).")
     args = parser.parse_args()
     port = free_port()
@@ -69,9 +69,9 @@ def main() -> int:
                 runs = rest(base, "runs/search", {"experiment_ids": [exp_id], "max_results": 1,
                                                   "filter": "tags.`skd.kind` = 'distill'" + wanted,
                                                   "order_by": ["attributes.start_time DESC"]}).get("runs", [])
-                pages = {"experiment.png": experiment_url(base, exp_id)}
+                pages = {"mlflow-experiment.png": experiment_url(base, exp_id)}
                 if runs:
-                    pages["run.png"] = experiment_url(base, exp_id, runs[0]["info"]["run_id"])
+                    pages["mlflow-run.png"] = experiment_url(base, exp_id, runs[0]["info"]["run_id"])
                 for name, url in pages.items():
                     screenshot(url, args.screenshots / name)
                     shots.append(str(args.screenshots / name))
