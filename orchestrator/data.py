@@ -228,6 +228,15 @@ def load_split(task: str, data: DataConfig, split: Literal["train", "dev"]) -> E
     Raises:
         DataError: unknown task, missing/malformed files, unknown labels, unreachable hub datasets.
     """
+    return subset_split(read_split(task, data, split), data, split)
+
+
+def read_split(task: str, data: DataConfig, split: Literal["train", "dev"]) -> Examples:
+    """Every row of the train or dev split of a task, in the source's order (`load_split` subsets them).
+
+    Raises:
+        DataError: as `load_split`.
+    """
     spec = task_spec(task, data)
     if data.source == "glue_dir":
         if spec.name == "custom":
@@ -243,6 +252,12 @@ def load_split(task: str, data: DataConfig, split: Literal["train", "dev"]) -> E
     else:
         hub_split = data.train_split if split == "train" else (data.dev_split or spec.hub_dev_split)
         examples = _from_hub(spec, data, hub_split)
+    return examples
+
+
+def subset_split(examples: Examples, data: DataConfig, split: Literal["train", "dev"]) -> Examples:
+    """A whole split's rows as configured: train, a seeded shuffle (`shuffle_seed`) cut to `max_train_samples`;
+    dev, its first `max_dev_samples` rows (all of them by default)."""
     limit = data.max_train_samples if split == "train" else data.max_dev_samples
     return examples.subset(limit, data.shuffle_seed) if split == "train" or limit else examples
 

@@ -75,13 +75,12 @@ def log_datasets(client: MlflowClient, run_id: str, cfg: SkdConfig) -> None:
     from mlflow.data import from_pandas
     from mlflow.entities import DatasetInput, InputTag
 
-    from orchestrator.data import load_split
+    from orchestrator.data import read_split, subset_split
 
     inputs = []
-    whole = cfg.data.model_copy(update={"max_train_samples": None, "max_dev_samples": None})
     for split, context in (("train", "training"), ("dev", "evaluation")):
-        ex = load_split(cfg.task, cfg.data, split)
-        total = len(load_split(cfg.task, whole, split))
+        everything = read_split(cfg.task, cfg.data, split)  # read once: the rows used and how many there were
+        ex, total = subset_split(everything, cfg.data, split), len(everything)
         frame = {"text_a": ex.text_a, **({"text_b": ex.text_b} if ex.text_b is not None else {}),
                  "label": ex.labels, "id": ex.ids}
         tags = [InputTag("mlflow.data.context", context), InputTag("subset", _subset(cfg, split, len(ex), total)),
