@@ -61,7 +61,21 @@ def student_rank_scores(plan: RunPlan, source: KnowledgeSource | None, resources
                                      "skd.teacher": t.name})
             score = res.dev[metric]
         scores.append(score)
+    warning = tied_scores_warning(scores, metric, cfg.distill.distribution.prepass_steps)
+    if warning:
+        print(f"[skd] warning: {warning}", flush=True)
     return scores
+
+
+def tied_scores_warning(scores: list[float], metric: str, steps: int) -> str | None:
+    """The warning for student-rank pre-pass scores that are all equal (to 6 decimals): rank ties make p
+    uniform, typically because `steps` were too few for any student to leave the majority class. None when
+    the scores differ or there is one teacher."""
+    if len(scores) < 2 or len({round(s, 6) for s in scores}) > 1:
+        return None
+    return (f"every student-rank pre-pass scored {metric} {scores[0]:.4f} after {steps} steps, so the ranks tie "
+            f"and p is uniform; raise distill.distribution.prepass_steps (e.g. one epoch) for pre-passes that "
+            f"tell the teachers apart")
 
 
 def _figures(plan: RunPlan):

@@ -112,3 +112,13 @@ def test_reweigh_follows_the_family_rule_over_the_live_teachers(family, settings
     p = Reweigh(family, DistributionConfig(family="uniform" if family in ("student-rank", "single") else family,
                                            **settings), base)(_infos([0.7, 0.8, 0.9]), live)
     assert p == pytest.approx(want)
+
+
+def test_tied_student_rank_scores_are_reported():
+    from orchestrator.distill import tied_scores_warning
+
+    # the SST-2 evidence: 100-step pre-passes left every student at the majority class
+    text = tied_scores_warning([0.5091743, 0.5091743, 0.5091743], "accuracy", 100)
+    assert "0.5092 after 100 steps" in text and "distill.distribution.prepass_steps" in text
+    assert tied_scores_warning([0.51, 0.62, 0.5091743], "accuracy", 100) is None
+    assert tied_scores_warning([0.5], "accuracy", 100) is None
