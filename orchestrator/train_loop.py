@@ -231,7 +231,7 @@ class DistillRecipe:
         elapsed = time.perf_counter() - start
         rate = (n + served) / max(elapsed, 1e-9)
         self.logger.log({"train/samples_per_s": rate, **self._teacher_samples(), **self._pool_metrics(),
-                         **(self.usage.poll() if self.usage is not None else {}),
+                         **(self.usage.poll(final=step == total) if self.usage is not None else {}),
                          **({"teachers/alive": len(self.feed.live())} if self.names else {})}, step)
         self.logger.flush()
         if self.rank == 0:

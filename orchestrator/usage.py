@@ -10,8 +10,10 @@ which side is the bottleneck, the student or the teachers.
   teacher is the bottleneck), `teachers/<name>/cpu_percent` (process CPU seconds per wall-clock second
   x 100, all threads: can exceed 100), `teachers/<name>/rss_mb` and, on a GPU, `teachers/<name>/gpu_memory_mb`.
   Rates are over the interval between two answers, timed by the teacher's own clock. Teachers answer
-  `stats()` from a control thread, so asking never waits behind knowledge requests, and the worker never
-  blocks on it: an answer not yet there is read at the next logging step.
+  `stats()` from a control thread, so asking never waits behind knowledge requests, and the worker does
+  not block on it: an answer not yet there is read at the next logging step; only the run's last logging
+  step waits (up to 2 s, twice at most) so that every run ends with its teachers' rates. MLflow's monitor
+  likewise gets one final sample when the worker ends (`SystemMetrics.finish`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,27 @@ def start_system_metrics(run_id: str, tracking_uri: str, rank: int, world: int, 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=resumed,
                                    node_id=f"rank{rank}" if world > 1 else None, tracking_uri=tracking_uri)
     monitor.start()
-    return monitor
+    return SystemMetrics(monitor)
+
+
+class SystemMetrics:
+    """MLflow's system-metrics monitor, plus one last sample when the run ends: MLflow publishes only
+    whole sampling intervals, so without it a run (or a restarted worker's stretch) shorter than one
+    interval would log nothing, and every run would lose its last partial interval."""
+
+    def __init__(self, monitor) -> None:
+        self.monitor = monitor
+
+    def finish(self) -> None:
+        """Stop the monitor's thread, then log one final sample (a failure to log it is ignored, like
+        MLflow's own logging failures)."""
+        self.monitor.finish()
+        try:
+            self.monitor.collect_metrics()
+            self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+            self.monitor.mlflow_logger.flush()
+        except Exception as exc:  # noqa: BLE001  (system metrics never fail a run)
+            logging.getLogger(__name__).warning("final system-metrics sample not logged: %r", exc)
 
 
 class TeacherUsage:
@@ -58,14 +80,22 @@ class TeacherUsage:
         self.pending: dict[int, ray.ObjectRef] | None = None
         self.last: dict[int, dict] = {}
 
-    def poll(self) -> dict[str, float]:
-        """Metrics from the answers that arrived since the last poll ({} when none did), then ask again."""
+    def poll(self, final: bool = False) -> dict[str, float]:
+        """Metrics from the answers that arrived since the last poll ({} when none did), then ask again. At
+        the run's last logging step (`final`) it waits up to 2 s for the answers, twice if need be, so every
+        run ends with its teachers' rates."""
         if self.ask is None:
             return {}
+        metrics = self._read(2.0 if final else 0.0)
+        if final and not any(k.endswith("busy_percent") for k in metrics):
+            metrics.update(self._read(2.0))
+        return metrics
+
+    def _read(self, wait_s: float) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.pending is not None:
             refs = list(self.pending.values())
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
             if len(ready) < len(refs):
                 return {}
             for k, ref in self.pending.items():
