@@ -6,8 +6,8 @@ MLflow store, so any method can be the baseline after the runs.
     python bench/paired_table.py -c configs/sst2.yaml --out runs/evidence/sst2 --baseline no-kd \\
         --baseline skd-uniform
 
-Methods are the run-name prefixes of `<out>/students/<prefix>-s<seed>` (default: the seven of the
-evidence). Prints one JSON line per method, then a markdown table.
+Methods are the run-name prefixes of `<out>/students/<prefix>-s<seed>` (default: every one saved for the
+first seed, in the evidence's order). Prints one JSON line per method, then a markdown table.
 """
 
 from __future__ import annotations
@@ -29,15 +29,25 @@ from orchestrator.data import prepare_inputs  # noqa: E402
 from orchestrator.metrics import glue_metrics  # noqa: E402
 from orchestrator.trainer import predict  # noqa: E402
 
-METHODS = ["no-kd", "single-minilm-l6", "average", "skd-uniform", "skd-teacher-rank", "skd-student-rank",
-           "skd-adaptive"]
+ORDER = ["no-kd", "single-", "average", "skd-uniform", "skd-teacher-rank", "skd-student-rank", "skd-adaptive"]
+
+
+def found_methods(students: Path, seed: int) -> list[str]:
+    """Run-name prefixes with a saved student for `seed` (`<prefix>-s<seed>`), in the evidence's order (no-kd,
+    the single teacher whichever it is, average, then the SKD families), others after them by name."""
+    names = [d.name[: -len(f"-s{seed}")] for d in students.glob(f"*-s{seed}") if d.is_dir()]
+
+    def key(m: str) -> tuple[int, str]:
+        return next((i for i, o in enumerate(ORDER) if m == o or (o.endswith("-") and m.startswith(o))),
+                    len(ORDER)), m
+    return sorted(names, key=key)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--out", type=Path, required=True, help="The compare's output_dir (students/, mlflow.db).")
-    parser.add_argument("--method", action="append", help="Run-name prefixes (default: the seven methods).")
+    parser.add_argument("--method", action="append", help="Run-name prefixes (default: every one saved).")
     parser.add_argument("--baseline", action="append", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--resamples", type=int, default=1000)
@@ -46,7 +56,7 @@ def main() -> None:
     cfg = load_config(args.config, [f"output_dir={out}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"])
     inputs = prepare_inputs(cfg.data, cfg.task, cfg.student.init)
     spec, labels = inputs.spec, inputs.dev.labels
-    methods = args.method or [m for m in METHODS if (out / "students" / f"{m}-s{args.seeds[0]}").is_dir()]
+    methods = args.method or found_methods(out / "students", args.seeds[0])
     best = max(t.dev_metric for t in read_manifest(out / "teachers" / "manifest.json"))
 
     from mlflow.tracking import MlflowClient
