@@ -93,15 +93,17 @@ def log_datasets(client: MlflowClient, run_id: str, cfg: SkdConfig) -> None:
     client.log_inputs(run_id, datasets=inputs)
 
 
-def input_example(cfg: SkdConfig) -> str | dict[str, str] | None:
-    """The first dev example as the logged model's input example: its text, or {"text", "text_pair"} for
-    sentence-pair tasks; None when the dev split is empty."""
+def input_example(cfg: SkdConfig) -> str | list[dict[str, str]] | None:
+    """The first dev example as the logged model's input example: its text, or [{"text", "text_pair"}] for
+    sentence-pair tasks (a list: MLflow infers the pair signature from it, while a bare dict is passed to
+    transformers 5's pipeline as keywords, fails, and leaves a single-string signature that rejects pairs);
+    None when the dev split is empty."""
     from orchestrator.data import load_split
 
     ex = load_split(cfg.task, cfg.data, "dev")
     if not len(ex):
         return None
-    return ex.text_a[0] if ex.text_b is None else {"text": ex.text_a[0], "text_pair": ex.text_b[0]}
+    return ex.text_a[0] if ex.text_b is None else [{"text": ex.text_a[0], "text_pair": ex.text_b[0]}]
 
 
 def cache_digest(path: Path) -> str:

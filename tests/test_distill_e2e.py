@@ -125,7 +125,9 @@ def test_a_run_shows_its_data_teachers_and_card_and_registers_nothing_unless_ask
     when a name is given."""
     import yaml
 
-    from orchestrator import tracking
+    import mlflow
+
+    from orchestrator import lineage, tracking
 
     client, res = env["client"], weights_run
     assert client.get_experiment(env["exp"]).tags["mlflow.experimentKind"] == "custom_model_development"
@@ -159,6 +161,13 @@ def test_a_run_shows_its_data_teachers_and_card_and_registers_nothing_unless_ask
     assert registered.name == "skd-sst2-student"
     assert env["cfg"]("mlflow.registered_model=default").registered_model_name() == "skd-sst2-student"
     assert env["cfg"]().registered_model_name() is None
+    # a sentence-pair task's input example gives a (text, text_pair) signature that serves pairs, no warning
+    pair = lineage.input_example(env["cfg"]("task=mrpc"))
+    assert isinstance(pair, list) and set(pair[0]) == {"text", "text_pair"} and all(pair[0].values())
+    uri = tracking.log_hf_model(env["cfg"]().tracking_uri(), client.create_run(env["exp"]).info.run_id,
+                                res.model_dir, input_example=pair)
+    assert mlflow.models.get_model_info(uri).signature.inputs.input_names() == ["text", "text_pair"]
+    assert len(mlflow.pyfunc.load_model(uri).predict(pair * 2)) == 2
     # which side is busy: the student's machine (MLflow system metrics) and each teacher actor's process
     metrics = run.data.metrics
     assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
