@@ -488,8 +488,9 @@ def experiment_url(base: str, experiment_id: str, run_id: str | None = None) -> 
 def log_hf_model(tracking_uri: str, run_id: str, model_dir: Path, registered_name: str | None = None,
                  input_example: str | list[dict[str, str]] | None = None) -> str:
     """Log a `save_pretrained` classifier folder to the run as an MLflow transformers model
-    (text-classification pipeline; MLflow infers its signature, string in, label and score out), with an
-    input example; register it in the Model Registry only when `registered_name` is given.
+    (text-classification pipeline; MLflow infers its signature from the input example: a string in, or
+    text and text_pair columns for `[{"text", "text_pair"}]`; label and score out); register it in the
+    Model Registry only when `registered_name` is given.
 
     Requirements are given explicitly: MLflow's inference imports optional packages (torchvision) that a
     CPU install lacks. Returns the model URI (models:/...).
