@@ -358,6 +358,11 @@ class RayConfig(_Strict):
     storage_path: Path | None = Field(None, description="Ray Train storage (checkpoints). Default: <output_dir>/ray.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources per student worker, e.g. {skd-student: 1}.")
+    keep_finished_checkpoints: bool = Field(
+        False, description="Keep Ray Train's checkpoints of a finished run under storage_path (2 per run, each the "
+                           "model, optimizer and sampler state). Default: once the run's model is saved to its "
+                           "output folder, its Ray Train folder is removed; unfinished runs keep theirs for "
+                           "--resume, and Tune/PBT trials always keep theirs.")
     max_failures: int = Field(1, ge=-1, description="Times Ray Train restarts the student workers from the latest "
                                                     "checkpoint after a worker failure (-1: always, 0: never).")
     hold_freed_memory: bool = Field(

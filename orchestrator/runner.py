@@ -46,7 +46,8 @@ class RunResult:
             worker's step loop (evaluations and checkpoints included).
         counts: examples served per teacher name (the whole run, resumed parts included).
         model_dir: the final `save_pretrained` folder; steps: the last step trained;
-        checkpoint: folder of the latest Ray Train checkpoint (None: none).
+        checkpoint: folder of the latest Ray Train checkpoint (None: none, or removed after the run finished:
+            `ray.keep_finished_checkpoints`).
         interrupted: stopped by SIGINT/SIGTERM on the driver (status KILLED, resumable).
         probs: the adaptive family's learnt p in force at the end, by teacher name ({} for fixed families).
         timings: where the time went, seconds ({"time/fit_s": Ray Train's fit, controller and worker start
@@ -203,6 +204,26 @@ def _outputs(client, uri: str, out: RunResult, result, model_out: Path,
         _warn_on_failure(client, run_id, "plots", plots)
 
 
+def _drop_checkpoints(cfg: SkdConfig, ray_name: str, out: RunResult) -> None:
+    """Remove a finished run's Ray Train folder (`<ray.storage_path>/<ray_name>`, created by this run: its name
+    carries the MLflow run id) once its model is saved to `out.model_dir`; `out.checkpoint` becomes None.
+    Nothing happens for a run that did not finish or whose model was not saved (it stays resumable). A folder
+    that cannot be removed is a warning: the run's outcome stands.
+    """
+    folder = cfg.storage_path() / ray_name
+    if out.status != "FINISHED" or out.model_dir is None or not folder.is_dir():
+        return
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    try:
+        shutil.rmtree(folder)
+    except OSError as exc:
+        print(f"[skd] warning: could not remove the finished run's checkpoints at {folder} ({exc})", flush=True)
+        return
+    out.checkpoint = None
+    print(f"[skd] removed the finished run's Ray Train checkpoints ({size / 2**20:.0f} MiB, {folder}); its model is "
+          f"in {out.model_dir}. Keep them with --set ray.keep_finished_checkpoints=true", flush=True)
+
+
 def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[str, str], params: dict[str, str],
                  model_out: Path, use_gpu: bool, resume: bool = False,
                  figures: Callable[..., list[Path]] | None = None, register_as: str | None = None,
@@ -268,6 +289,8 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
                                     f"--resume")
         began = time.perf_counter()
         _outputs(client, uri, out, result, model_out, figures, register_as, card, lambda: lineage.input_example(cfg))
+        if not (cfg.ray.keep_finished_checkpoints or report_to_tune or continue_run):
+            _drop_checkpoints(cfg, ray_name, out)
         out.timings.update({**(timings or {}), "time/outputs_s": time.perf_counter() - began})
         _warn_on_failure(client, run_id, "timings", lambda: tracking.log_timings(client, run_id, out.timings))
         status = out.status

@@ -109,7 +109,8 @@ def test_strict_spread_needs_a_node_per_teacher():
 
 
 def test_a_distill_run_spread_over_the_nodes_logs_to_the_mlflow_server(cluster):
-    out = run_distill(cluster["cfg"](*ON_NODES, "mlflow.run_name=multi-node"), register_as=None)
+    out = run_distill(cluster["cfg"](*ON_NODES, "mlflow.run_name=multi-node", "ray.keep_finished_checkpoints=true"),
+                      register_as=None)
     client = cluster["client"]
     run = client.get_run(out.run_id)
     assert out.status == "FINISHED" and run.info.status == "FINISHED" and out.steps == 8

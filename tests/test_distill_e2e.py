@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,8 +183,12 @@ def test_resume_reproduces_the_teacher_sequence_and_losses(env, weights_run):
     client, full = env["client"], weights_run
     stopped = run_distill(env["cfg"](*WEIGHTS, "mlflow.run_name=interrupted"), stop_after=4)
     assert stopped.status == "KILLED" and client.get_run(stopped.run_id).info.status == "KILLED"
+    ray_run = env["cfg"]().storage_path() / client.get_run(stopped.run_id).data.tags["skd.ray_run"]
+    assert stopped.checkpoint and Path(stopped.checkpoint).parent == ray_run  # an unfinished run keeps its own
     resumed = run_distill(env["cfg"](*WEIGHTS, "mlflow.run_name=interrupted"), resume=True)
     assert resumed.run_id == stopped.run_id and resumed.status == "FINISHED"
+    # finished: its Ray Train folder is gone (ray.keep_finished_checkpoints is off), its student is saved
+    assert resumed.checkpoint is None and not ray_run.exists() and (resumed.model_dir / "config.json").is_file()
     assert len(client.search_runs([env["exp"]], "tags.`mlflow.runName` = 'interrupted'")) == 1
     assert history(client, resumed.run_id, "train/teacher") == history(client, full.run_id, "train/teacher")
     a = np.array([v for _, v in history(client, full.run_id, "train/loss")])
