@@ -361,8 +361,8 @@ class RayConfig(_Strict):
     keep_finished_checkpoints: bool = Field(
         False, description="Keep Ray Train's checkpoints of a finished run under storage_path (2 per run, each the "
                            "model, optimizer and sampler state). Default: once the run's model is saved to its "
-                           "output folder, its Ray Train folder is removed; unfinished runs keep theirs for "
-                           "--resume, and Tune/PBT trials always keep theirs.")
+                           "output folder, its Ray Train folder is removed (Tune trials too); unfinished runs keep "
+                           "theirs for --resume, and PBT trials hand theirs to Tune.")
     max_failures: int = Field(1, ge=-1, description="Times Ray Train restarts the student workers from the latest "
                                                     "checkpoint after a worker failure (-1: always, 0: never).")
     hold_freed_memory: bool = Field(

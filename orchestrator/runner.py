@@ -289,7 +289,7 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
                                     f"--resume")
         began = time.perf_counter()
         _outputs(client, uri, out, result, model_out, figures, register_as, card, lambda: lineage.input_example(cfg))
-        if not (cfg.ray.keep_finished_checkpoints or report_to_tune or continue_run):
+        if not cfg.ray.keep_finished_checkpoints:
             _drop_checkpoints(cfg, ray_name, out)
         out.timings.update({**(timings or {}), "time/outputs_s": time.perf_counter() - began})
         _warn_on_failure(client, run_id, "timings", lambda: tracking.log_timings(client, run_id, out.timings))

@@ -260,6 +260,15 @@ def test_adaptive_sampling_logs_p_and_resumes_the_same_sequence(env):
     assert "plots/sampling_p_over_time.png" in artifacts
     stopped = run_distill(env["cfg"](*ADAPTIVE, "mlflow.run_name=adaptive-resumed"), stop_after=4)
     assert stopped.status == "KILLED"
+    # how a PBT exploit starts: another MLflow run from this run's checkpoint (`resume_from`). It continues the
+    # donor's bandit (p in force and queued, running gains, generator), so from step 5 on it draws the teachers
+    # and learns the p of the uninterrupted run; a bandit started afresh would learn other p from other gains.
+    exploit = run_distill(env["cfg"](*ADAPTIVE, "mlflow.run_name=adaptive-exploit"), resume_from=stopped.checkpoint)
+    assert exploit.status == "FINISHED" and exploit.run_id != stopped.run_id
+    for key, steps in (("train/teacher", {5, 6, 7, 8}), ("sampler/p/t4", {7, 9})):
+        mine, ref = dict(history(client, exploit.run_id, key)), dict(history(client, full.run_id, key))
+        assert steps <= set(mine)
+        np.testing.assert_allclose([v for _, v in sorted(mine.items())], [ref[s] for s in sorted(mine)], rtol=1e-6)
     resumed = run_distill(env["cfg"](*ADAPTIVE, "mlflow.run_name=adaptive-resumed"), resume=True)
     assert resumed.status == "FINISHED"
     for key in ("train/teacher", "sampler/p/t4", "sampler/p/t2"):

@@ -75,7 +75,10 @@ def pbt_trial_fn(config: dict[str, Any], *, base: dict[str, Any], pool: Knowledg
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = load_config(None, [*to_overrides(config), f"mlflow.run_name=trial-{trial_id}"], base=base)
+    # each segment's checkpoint goes to Tune (`_report_segment`), so no segment drops it; the folders are
+    # removed here once Tune holds its copy
+    cfg = load_config(None, [*to_overrides(config), f"mlflow.run_name=trial-{trial_id}",
+                             "ray.keep_finished_checkpoints=true"], base=base)
     plan = make_plan(cfg)  # once for all the trial's segments
     client, exp_id = tracking.open_experiment(cfg.tracking_uri(), cfg.experiment_name())
     found = client.search_runs([exp_id], f"tags.`skd.trial_id` = '{trial_id}'", max_results=1)
