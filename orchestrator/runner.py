@@ -51,7 +51,8 @@ class RunResult:
         interrupted: stopped by SIGINT/SIGTERM on the driver (status KILLED, resumable).
         probs: the adaptive family's learnt p in force at the end, by teacher name ({} for fixed families).
         timings: where the time went, seconds ({"time/fit_s": Ray Train's fit, controller and worker start
-            included; "time/outputs_s": saving and logging the student and plots; rank 0's "time/setup_s",
+            included; "time/outputs_s": saving and logging the student and plots, removing
+            a finished run's Ray Train folder; rank 0's "time/setup_s",
             "time/loop_s", "time/eval_s", "time/report_s", "time/gsnr_s", "time/train_s" of the last Ray
             Train run; the command adds "time/plan_s" and "time/ray_start_s"}); logged to MLflow.
     """
