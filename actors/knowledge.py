@@ -17,21 +17,44 @@ import numpy as np
 class TokenBatch:
     """A batch of tokenized examples.
 
+    The same rows can travel in several tokenizers' tokens: `input_ids` are the student's (tokenizer
+    `vocab`), `views` the others' that some teacher uses. A teacher reads its own with `view`.
+
     Attributes:
         input_ids: [B, L] int64 token ids.
         attention_mask: [B, L] int64, 1 for real tokens.
         ids: [B] int64 example ids (stable row ids of the split).
+        vocab: `vocab_fingerprint` of the tokenizer of `input_ids` ("" when unknown: every teacher reads them).
+        views: vocab fingerprint -> (input_ids [B, L_v], attention_mask [B, L_v]) of the same rows.
     """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     ids: np.ndarray
+    vocab: str = ""
+    views: dict | None = None
 
     @classmethod
-    def of(cls, batch: dict[str, np.ndarray]) -> "TokenBatch":
-        """The token part of a padded batch dict (`input_ids`, `attention_mask` [B, L], `ids` [B]; other keys
-        such as `labels` stay with the student)."""
-        return cls(batch["input_ids"], batch["attention_mask"], batch["ids"])
+    def of(cls, batch: dict) -> "TokenBatch":
+        """The token part of a padded batch dict (`input_ids`, `attention_mask` [B, L], `ids` [B], and
+        `vocab` / `views` when present; other keys such as `labels` stay with the student)."""
+        return cls(batch["input_ids"], batch["attention_mask"], batch["ids"], batch.get("vocab", ""),
+                   batch.get("views") or None)
+
+    def view(self, vocab: str) -> "TokenBatch":
+        """These rows in the tokens of tokenizer `vocab` (a plain batch without views).
+
+        Raises:
+            ValueError: the batch carries no view for that tokenizer (the driver did not tokenize for it).
+        """
+        if not vocab or not self.vocab or vocab == self.vocab:
+            return TokenBatch(self.input_ids, self.attention_mask, self.ids, self.vocab) if self.views else self
+        if not self.views or vocab not in self.views:
+            raise ValueError(f"this batch is in tokenizer {self.vocab}'s tokens and has no view for tokenizer "
+                             f"{vocab}: the driver tokenizes for every teacher of the plan (orchestrator.data."
+                             f"with_views); a teacher that joined later with another tokenizer cannot be served")
+        ids, mask = self.views[vocab]
+        return TokenBatch(ids, mask, self.ids, vocab)
 
     def check(self) -> "TokenBatch":
         """Validate shapes and dtypes.
@@ -47,6 +70,10 @@ class TokenBatch:
         for name in ("input_ids", "attention_mask", "ids"):
             if getattr(self, name).dtype.kind not in "iu":
                 raise ValueError(f"{name} must be an integer array, got {getattr(self, name).dtype}")
+        for fp, (ids, mask) in (self.views or {}).items():
+            if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] != self.input_ids.shape[0]:
+                raise ValueError(f"view {fp}: input_ids {ids.shape} and attention_mask {mask.shape} must both be "
+                                 f"[B, L_v] with B = {self.input_ids.shape[0]}")
         return self
 
     @property

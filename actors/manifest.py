@@ -30,6 +30,9 @@ class TeacherInfo:
         num_labels: C.
         task: the task it was fine-tuned on.
         mlflow_run_id: the MLflow run of its fine-tuning ("" when imported).
+        family: `config.model_type` (bert, mpnet, roberta, ...; "" in manifests written before it was kept).
+        flops_per_token: forward FLOPs per token at `data.max_length` (`actors.models.forward_flops_per_token`;
+            0 when not measured).
     """
 
     name: str
@@ -43,6 +46,8 @@ class TeacherInfo:
     num_labels: int
     task: str
     mlflow_run_id: str = ""
+    family: str = ""
+    flops_per_token: int = 0
 
 
 def write_manifest(path: Path, teachers: list[TeacherInfo]) -> None:
@@ -69,22 +74,21 @@ def read_manifest(path: Path) -> list[TeacherInfo]:
         raise TeacherError(f"teachers manifest {path} is malformed ({exc}); re-run `skd teachers prepare`") from None
 
 
-def validate_teachers(teachers: list[TeacherInfo], wanted: list[str], task: str, num_labels: int,
-                      student_vocab: str) -> list[TeacherInfo]:
+def validate_teachers(teachers: list[TeacherInfo], wanted: list[str], task: str,
+                      num_labels: int) -> list[TeacherInfo]:
     """Select the configured teachers from a manifest and check they fit the student.
 
     Args:
         teachers: manifest entries.
         wanted: `teachers.members` names, in config order.
         task: the run's task; num_labels: C of the run.
-        student_vocab: `vocab_fingerprint` of the student's tokenizer.
 
     Returns:
         The entries for `wanted`, in that order.
 
     Raises:
-        TeacherError: a member missing from the manifest, a checkpoint folder that does not exist, a task
-            or label-count mismatch, or a tokenizer vocabulary that differs from the student's.
+        TeacherError: a member missing from the manifest, a checkpoint folder that does not exist, or a task
+            or label-count mismatch. Teachers may tokenize otherwise than the student (each gets its own view).
     """
     by_name = {t.name: t for t in teachers}
     missing = [n for n in wanted if n not in by_name]
@@ -99,8 +103,4 @@ def validate_teachers(teachers: list[TeacherInfo], wanted: list[str], task: str,
         if t.task != task or t.num_labels != num_labels:
             raise TeacherError(f"teacher {t.name!r} was fine-tuned for {t.task} with {t.num_labels} labels, but this "
                                f"run is {task} with {num_labels}; prepare teachers for this task")
-        if t.vocab != student_vocab:
-            raise TeacherError(f"teacher {t.name!r} uses a different tokenizer vocabulary than the student "
-                               f"(student.init); SKD needs one shared vocabulary: pick teachers and student of "
-                               f"one model family")
     return chosen

@@ -45,7 +45,7 @@ def start_teacher(index: int, info: TeacherInfo, settings: dict, *, name: str | 
         max_restarts=s["max_restarts"], max_task_retries=s["max_task_retries"], **named,
         scheduling_strategy=scheduling_strategy,
     ).remote(index, info.checkpoint, info.num_labels, s["regression"], s["threads"], s["device"],
-             s["attn_implementation"], s["slots"], s.get("autocast"))
+             s["attn_implementation"], s["slots"], s.get("autocast"), info.vocab)
 
 
 @dataclass(frozen=True)

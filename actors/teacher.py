@@ -58,14 +58,16 @@ class Teacher:
         autocast: "bfloat16" or "float16" runs the forward pass under `torch.autocast` in that dtype (matmuls
             and attention in half precision, weights kept in float32; what GPUs with tensor cores run fast);
             None: float32. Answers leave as float32 (or the request's wire dtype) either way.
+        vocab: `vocab_fingerprint` of this teacher's tokenizer: each batch is read in its view of that
+            tokenizer (`TokenBatch.view`); "" reads the batch's `input_ids` whatever their tokenizer.
     """
 
     def __init__(self, index: int, checkpoint: str, num_labels: int, regression: bool = False, threads: int = 1,
                  device: str = "auto", attn_implementation: str | None = None, slots: int = 1,
-                 autocast: str | None = None) -> None:
+                 autocast: str | None = None, vocab: str = "") -> None:
         from actors.models import load_classifier
 
-        self.index = index
+        self.index, self.vocab = index, vocab
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and _gpu_reserved() else "cpu"
         self.device = torch.device(device)
@@ -127,8 +129,12 @@ class Teacher:
         Raises:
             ValueError: a bad batch or request, or attentions asked of a non-eager teacher.
         """
-        batch.check()
         request.check()
+        if request.needs_tokens and self.vocab and batch.vocab and batch.vocab != self.vocab:
+            raise ValueError(f"teacher {self.index} tokenizes with another tokenizer than the batch's (the "
+                             f"student's): its hidden states and attentions are over other tokens; ask only "
+                             f"logits and cls of it")
+        batch = batch.view(self.vocab).check()
         start = time.perf_counter()
         want_tokens = request.needs_tokens
         want_attn = "attentions" in request.outputs or (want_tokens and request.tokens.startswith("cls-attention"))

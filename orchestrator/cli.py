@@ -65,11 +65,13 @@ def teachers_prepare(config: ConfigOpt, set_: SetOpt = None,
     except SkdError as exc:
         fail(exc)
     table = Table(title=f"teachers for {cfg.task} ({cfg.manifest_path()})")
-    for col in ("name", "layers", "hidden", "parameters", f"dev {teachers[0].metric}", "checkpoint"):
+    for col in ("name", "family", "layers", "hidden", "parameters", "GFLOPs/token", f"dev {teachers[0].metric}",
+                "checkpoint"):
         table.add_column(col)
     for t in teachers:
-        table.add_row(t.name, str(t.num_layers), str(t.hidden_size), f"{t.parameters / 1e6:.1f}M",
-                      f"{t.dev_metric:.4f}", t.checkpoint)
+        table.add_row(t.name, t.family or "-", str(t.num_layers), str(t.hidden_size), f"{t.parameters / 1e6:.1f}M",
+                      f"{t.flops_per_token / 1e9:.3f}" if t.flops_per_token else "-", f"{t.dev_metric:.4f}",
+                      t.checkpoint)
     console.print(table)
 
 

@@ -24,9 +24,9 @@ import ray
 from actors.errors import ConfigError
 from orchestrator.config import SkdConfig
 from orchestrator.config_load import load_config
-from orchestrator.data import prepare_inputs
+from orchestrator.data import prepare_inputs, with_views
 from orchestrator.distill import run_distill
-from orchestrator.plan import make_plan
+from orchestrator.plan import load_teachers, make_plan
 from orchestrator.runner import RunResult
 from orchestrator import console, tracking
 from orchestrator.runtime import ray_session
@@ -144,6 +144,8 @@ def run_comparison(cfg: SkdConfig, config_path: str | None, variants: list[str],
         raise ConfigError(f"--baseline {baseline!r} is not one of the variants ({', '.join(variants)}); add it "
                           f"with --variant {baseline} or pick one of them")
     inputs = prepare_inputs(cfg.data, cfg.task, cfg.student.init)
+    if cfg.manifest_path().is_file():  # every teacher tokenizer's view once, shared by all the plans
+        inputs = with_views(inputs, {t.vocab: t.checkpoint for t in load_teachers(cfg, inputs)})
     plans = {(v, s): make_plan(load_config(config_path, [*overrides, *variant_overrides(v), f"distill.seed={s}"]),
                                inputs) for v in variants for s in seeds}  # every variant validated up front
     # one pool of the whole ensemble for every variant (or the cache they read); none when all are no-kd

@@ -78,6 +78,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TransferConfig(_Strict):
+    """Unlabelled in-domain rows that only the teachers teach (a transfer set): no hard-label loss, only the
+    soft-label term weighed by `distill.transfer_weight`. Students without a teacher (no-kd) skip them.
+
+    `source: rest` takes the task's training rows past the labelled ones (past `data.max_train_samples` in the
+    same seeded shuffle), their labels dropped; `source: file` reads a TSV/CSV of raw text (columns
+    `text_column` / `text_pair_column`, default the task's own text columns; any label column is ignored).
+    """
+
+    source: Literal["rest", "file"] = "rest"
+    file: Path | None = Field(None, description="TSV/CSV of unlabelled text for source=file.")
+    text_column: str | None = Field(None, description="source=file: the text column (default: the task's).")
+    text_pair_column: str | None = Field(None, description="source=file: the second text column of pair tasks.")
+    max_rows: int | None = Field(None, gt=0, description="Use at most this many transfer rows (the first ones).")
+
+    @model_validator(mode="after")
+    def _file_for_file(self) -> "TransferConfig":
+        if self.source == "file" and self.file is None:
+            raise ValueError("data.transfer.source: file needs data.transfer.file, a TSV/CSV of unlabelled text")
+        if self.source == "rest" and self.file is not None:
+            raise ValueError("data.transfer.file is read only with data.transfer.source: file")
+        return self
+
+
 class DataConfig(_Strict):
     """Where the task's examples come from and how they are tokenized."""
 
@@ -101,6 +125,14 @@ class DataConfig(_Strict):
     max_dev_samples: int | None = Field(None, gt=0)
     max_length: int = Field(128, gt=2, le=4096, description="Tokens per example after truncation.")
     shuffle_seed: int = 0
+    transfer: TransferConfig | None = Field(None, description="Unlabelled transfer rows only the teachers teach.")
+
+    @model_validator(mode="after")
+    def _rest_needs_a_cut(self) -> "DataConfig":
+        if self.transfer is not None and self.transfer.source == "rest" and self.max_train_samples is None:
+            raise ValueError("data.transfer.source: rest takes the training rows past data.max_train_samples, which "
+                             "is unset (every row is labelled): set data.max_train_samples, e.g. 8000")
+        return self
 
     def resolved_glue_dir(self) -> Path:
         """The GLUE folder in force: `data.glue_dir`, else `$GLUE_DIR` (both taken as given), else the first
@@ -239,8 +271,11 @@ class DistributionConfig(_Strict):
     family: Family = "uniform"
     gamma: float = Field(1.0, ge=0, description="Rank exponent for teacher-rank / student-rank.")
     tau: float = Field(1.0, gt=0, description="Softmax temperature over scores.")
-    mu: float | None = Field(None, description="capacity-gaussian centre, in ln(parameters). Default: mean over teachers.")
-    sigma: float = Field(1.0, gt=0, description="capacity-gaussian width, in ln(parameters).")
+    capacity: Literal["parameters", "flops"] = Field(
+        "parameters", description="capacity-gaussian's c_i: parameter count, or forward FLOPs per token at "
+                                  "data.max_length (both in the teachers manifest).")
+    mu: float | None = Field(None, description="capacity-gaussian centre, in ln(c). Default: mean over teachers.")
+    sigma: float = Field(1.0, gt=0, description="capacity-gaussian width, in ln(c).")
     weights: dict[str, float] | None = Field(None, description="family=weights: teacher name -> weight.")
     eps: float | None = Field(None, ge=0, le=1, description="Mix with uniform: p = (1 - eps) p + eps / N. Default "
                               "0, and 0.1 for adaptive (its exploration floor, which must be > 0).")
@@ -323,6 +358,8 @@ class DistillConfig(_Strict):
     distribution: DistributionConfig = DistributionConfig()
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the hard-label loss; 1 - alpha weighs the KD term.")
+    transfer_weight: float = Field(1.0, ge=0, description="Weight of the soft-label term on unlabelled transfer "
+                                                          "rows (data.transfer); labelled rows keep 1 - alpha.")
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, gt=0)
     epochs: float = Field(1.0, gt=0)

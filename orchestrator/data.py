@@ -117,6 +117,21 @@ class Examples:
     def __len__(self) -> int:
         return len(self.text_a)
 
+    def concat(self, other: "Examples | None") -> "Examples":
+        """These rows followed by `other`'s (self when other is None).
+
+        Raises:
+            DataError: one has a second text column and the other not.
+        """
+        if other is None:
+            return self
+        if (self.text_b is None) != (other.text_b is None):
+            raise DataError("data.transfer: the transfer rows and the task differ in text columns (pair task "
+                            "without data.transfer.text_pair_column, or the reverse)")
+        return Examples(self.text_a + other.text_a, None if self.text_b is None else self.text_b + other.text_b,
+                        np.concatenate([self.labels, other.labels.astype(self.labels.dtype)]),
+                        np.concatenate([self.ids, other.ids]))
+
     def subset(self, n: int | None, seed: int) -> "Examples":
         """A seeded random subset of `n` rows (all rows, shuffled order, when n >= len)."""
         if n is None:
@@ -150,17 +165,15 @@ def _map_labels(raw: Sequence[str], spec: TaskSpec, where: str) -> np.ndarray:
     return out
 
 
-def read_delimited(path: Path, spec: TaskSpec, delimiter: str = "\t") -> Examples:
-    """Read a GLUE-format TSV (or a CSV for custom data) into `Examples`.
-
-    TSVs are split on TAB with no quoting (GLUE files hold bare `"`); CSVs use standard CSV quoting.
+def _read_table(path: Path, delimiter: str, what: str) -> list[list[str]]:
+    """The non-empty rows of a UTF-8 TSV (split on TAB, no quoting: GLUE files hold bare `"`) or CSV
+    (standard quoting), header included.
 
     Raises:
-        DataError: missing file, missing header column, short rows, or unknown labels.
+        DataError: missing, non-UTF-8 or empty file.
     """
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist; set data.glue_dir (or $GLUE_DIR) to a folder "
-                        f"with {spec.folder or '<task>'}/train.tsv and dev files, or use data.source=hub")
+        raise DataError(f"data file {path} does not exist; {what}")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -175,26 +188,106 @@ def read_delimited(path: Path, spec: TaskSpec, delimiter: str = "\t") -> Example
         rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if r]
     if not rows:
         raise DataError(f"data file {path} is empty")
-    if spec.has_header:
-        header, rows = rows[0], rows[1:]
-        try:
-            cols = [None if c is None else header.index(c) for c in spec.columns]
-        except ValueError:
-            missing = [c for c in spec.columns if c is not None and c not in header]
-            raise DataError(f"{path}: header lacks column(s) {missing}; found {header}. "
-                            f"Check data.text_column/label_column or the file format") from None
-    else:
-        cols = list(spec.columns)
+    return rows
+
+
+def _columns(path: Path, header: list[str], wanted: Sequence[str | None], hint: str) -> list[int | None]:
+    """Positions of the `wanted` header names (None stays None).
+
+    Raises:
+        DataError: a name the header lacks (the message lists the header and `hint`).
+    """
+    missing = [c for c in wanted if c is not None and c not in header]
+    if missing:
+        raise DataError(f"{path}: header lacks column(s) {missing}; found {header}. {hint}")
+    return [None if c is None else header.index(c) for c in wanted]
+
+
+def _check_width(path: Path, rows: list[list[str]], cols: Sequence[int | None], first_line: int, kind: str,
+                 delimiter: str) -> None:
     need = max(c for c in cols if c is not None) + 1
     for n, row in enumerate(rows):
         if len(row) < need:
-            line = n + 1 + int(spec.has_header)
-            raise DataError(f"{path}:{line}: malformed row with {len(row)} field(s), need at least {need} "
-                            f"(is this a {spec.folder or 'custom'} file split by "
-                            f"{'TAB' if delimiter == chr(9) else repr(delimiter)}?)")
+            raise DataError(f"{path}:{n + first_line}: malformed row with {len(row)} field(s), need at least {need} "
+                            f"(is this a {kind} file split by {'TAB' if delimiter == chr(9) else repr(delimiter)}?)")
+
+
+def read_delimited(path: Path, spec: TaskSpec, delimiter: str = "\t") -> Examples:
+    """Read a GLUE-format TSV (or a CSV for custom data) into `Examples`.
+
+    TSVs are split on TAB with no quoting (GLUE files hold bare `"`); CSVs use standard CSV quoting.
+
+    Raises:
+        DataError: missing file, missing header column, short rows, or unknown labels.
+    """
+    rows = _read_table(path, delimiter, f"set data.glue_dir (or $GLUE_DIR) to a folder with "
+                                        f"{spec.folder or '<task>'}/train.tsv and dev files, or use data.source=hub")
+    if spec.has_header:
+        header, rows = rows[0], rows[1:]
+        cols = _columns(path, header, spec.columns, "Check data.text_column/label_column or the file format")
+    else:
+        cols = list(spec.columns)
+    _check_width(path, rows, cols, 1 + int(spec.has_header), spec.folder or "custom", delimiter)
     a, b, lab = cols
     return Examples([r[a] for r in rows], None if b is None else [r[b] for r in rows],
                     _map_labels([r[lab] for r in rows], spec, str(path)))
+
+
+UNLABELLED = -100
+"""The class index of a transfer row (no label); regression transfer rows hold NaN."""
+
+
+def is_labelled(labels: np.ndarray) -> np.ndarray:
+    """[N] bool: which rows carry a label (class index >= 0, or a finite score)."""
+    labels = np.asarray(labels)
+    return np.isfinite(labels) if labels.dtype.kind == "f" else labels >= 0
+
+
+TRANSFER_ID_BASE = 1 << 40
+"""Example ids of transfer-file rows start here, apart from any split's row ids (caches key on ids)."""
+
+
+def load_transfer(task: str, data: DataConfig) -> Examples | None:
+    """The unlabelled transfer rows of `data.transfer` (None when it is unset), labels set to `UNLABELLED`
+    (classification) or NaN (regression).
+
+    `rest`: the training rows past `data.max_train_samples` in the same seeded shuffle that picks the labelled
+    rows (`Examples.subset`), keeping their split row ids. `file`: a TSV/CSV with a header, its rows' ids
+    `TRANSFER_ID_BASE + row`. Both are cut to `transfer.max_rows`.
+
+    Raises:
+        DataError: an unreadable file, a missing text column, or no transfer row at all.
+    """
+    t = data.transfer
+    if t is None:
+        return None
+    spec = task_spec(task, data)
+    if t.source == "rest":
+        everything = read_split(task, data, "train")
+        order = np.random.default_rng(data.shuffle_seed).permutation(len(everything))[data.max_train_samples:]
+        texts_a = [everything.text_a[i] for i in order]
+        texts_b = None if everything.text_b is None else [everything.text_b[i] for i in order]
+        ids = everything.ids[order]
+        where = f"the {len(everything)}-row training split past its first {data.max_train_samples} rows"
+    else:
+        path = Path(t.file).expanduser()
+        delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+        rows = _read_table(path, delimiter, "point data.transfer.file at a TSV/CSV of unlabelled text")
+        named = [c if isinstance(c, str) else None for c in spec.columns[:2]]
+        text = t.text_column or named[0] or "sentence"
+        pair = t.text_pair_column or (named[1] if spec.columns[1] is not None else None)
+        a, b = _columns(path, rows[0], [text, pair], "Set data.transfer.text_column (and text_pair_column)")
+        _check_width(path, rows[1:], [a, b], 2, "transfer", delimiter)
+        texts_a = [r[a] for r in rows[1:]]
+        texts_b = None if b is None else [r[b] for r in rows[1:]]
+        ids = TRANSFER_ID_BASE + np.arange(len(texts_a), dtype=np.int64)
+        where = str(path)
+    n = len(texts_a) if t.max_rows is None else min(t.max_rows, len(texts_a))
+    if n == 0:
+        raise DataError(f"data.transfer: {where} holds no rows; point it at more text or drop data.transfer")
+    labels = (np.full(n, np.nan, dtype=np.float32) if spec.is_regression
+              else np.full(n, UNLABELLED, dtype=np.int64))
+    return Examples(texts_a[:n], None if texts_b is None else texts_b[:n], labels, ids[:n])
 
 
 def _from_hub(spec: TaskSpec, data: DataConfig, split: str) -> Examples:
@@ -262,41 +355,59 @@ def subset_split(examples: Examples, data: DataConfig, split: Literal["train", "
     return examples.subset(limit, data.shuffle_seed) if split == "train" or limit else examples
 
 
+def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token id lists to their longest member: (input_ids, attention_mask), each [B, L] int64."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 @dataclass
 class Encoded:
     """Tokenized examples, unpadded: `input_ids[i]` is a list of token ids (length <= max_length).
 
-    `labels` [N] and `ids` [N] as in `Examples`.
+    `labels` [N] and `ids` [N] as in `Examples`. `vocab` is the `vocab_fingerprint` of the tokenizer that made
+    `input_ids` (the student's). `views` holds the same rows tokenized by each other tokenizer the teachers
+    use: vocab fingerprint -> (token id lists, that tokenizer's pad id); teachers that share a tokenizer share
+    one view, and a teacher with the student's tokenizer reads `input_ids` itself.
     """
 
     input_ids: list[list[int]]
     labels: np.ndarray
     ids: np.ndarray
+    vocab: str = ""
+    views: dict[str, tuple[list[list[int]], int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def batch(self, rows: Sequence[int] | np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-        """Pad the chosen rows to their longest member.
+    def batch(self, rows: Sequence[int] | np.ndarray, pad_id: int) -> dict:
+        """Pad the chosen rows to their longest member, in the student's tokens and in every view.
 
         Returns:
-            `input_ids`, `attention_mask` [B, L] int64, `labels` [B], `ids` [B] int64.
+            `input_ids`, `attention_mask` [B, L] int64, `labels` [B], `ids` [B] int64, `vocab` (str), and
+            `views` {vocab fingerprint: (input_ids [B, L_v], attention_mask [B, L_v])} when there are views
+            (each padded to its own longest row, with its own pad id).
         """
         rows = np.asarray(rows)
-        seqs = [self.input_ids[i] for i in rows]
-        width = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[rows], "ids": self.ids[rows]}
+        ids, mask = pad([self.input_ids[i] for i in rows], pad_id)
+        out = {"input_ids": ids, "attention_mask": mask, "labels": self.labels[rows], "ids": self.ids[rows],
+               "vocab": self.vocab}
+        if self.views:
+            out["views"] = {fp: pad([seqs[i] for i in rows], p) for fp, (seqs, p) in self.views.items()}
+        return out
 
 
 def encode(examples: Examples, tokenizer, max_length: int) -> Encoded:
     """Tokenize with truncation (pairs: longest-first), no padding; padding happens per batch."""
+    from actors.models import vocab_fingerprint
+
     enc = tokenizer(examples.text_a, examples.text_b, truncation=True, max_length=max_length)
-    return Encoded([list(x) for x in enc["input_ids"]], examples.labels, examples.ids)
+    return Encoded([list(x) for x in enc["input_ids"]], examples.labels, examples.ids, vocab_fingerprint(tokenizer))
 
 
 @dataclass
@@ -305,8 +416,10 @@ class Inputs:
 
     Attributes:
         spec: the task; train / dev: the tokenized splits; pad_id: the tokenizer's pad token id.
-        vocab: `vocab_fingerprint` of the tokenizer (teachers must share it).
+        vocab: `vocab_fingerprint` of the student's tokenizer.
         tokenizer_init: absolute folder or hub id of the tokenizer (workers run in other directories).
+        train_examples: the training rows as text, kept so teachers with other tokenizers can get their own
+            view of them (`with_views`).
     """
 
     spec: TaskSpec
@@ -315,22 +428,93 @@ class Inputs:
     pad_id: int
     vocab: str
     tokenizer_init: str
+    train_examples: Examples | None = None
+    max_length: int = 128
+
+    @property
+    def transfer_rows(self) -> int:
+        """Training rows without a label (`data.transfer`), taught by the teachers alone."""
+        return int((~is_labelled(self.train.labels)).sum())
+
+    def labelled_only(self) -> "Inputs":
+        """These inputs without the transfer rows (what a student without a teacher trains on)."""
+        import dataclasses
+
+        if not self.transfer_rows:
+            return self
+        keep = np.flatnonzero(is_labelled(self.train.labels))
+        ex = self.train_examples
+        examples = None if ex is None else Examples(
+            [ex.text_a[i] for i in keep], None if ex.text_b is None else [ex.text_b[i] for i in keep],
+            ex.labels[keep], ex.ids[keep])
+        train = Encoded([self.train.input_ids[i] for i in keep], self.train.labels[keep], self.train.ids[keep],
+                        self.train.vocab, {fp: ([seqs[i] for i in keep], pad) for fp, (seqs, pad)
+                                           in self.train.views.items()})
+        return dataclasses.replace(self, train=train, train_examples=examples)
 
 
-def prepare_inputs(data: DataConfig, task: str, tokenizer_init: str) -> Inputs:
+def prepare_inputs(data: DataConfig, task: str, tokenizer_init: str, transfer: bool = True) -> Inputs:
     """Load, subset and tokenize the train and dev splits (pure Python, before any Ray resources).
 
+    Args:
+        data, task: the config's; tokenizer_init: the tokenizer's model name/folder.
+        transfer: append `data.transfer`'s unlabelled rows to train (`load_transfer`); False for teachers,
+            which learn from labels only.
+
     Raises:
-        DataError: unknown task, missing/malformed files, unknown labels.
+        DataError: unknown task, missing/malformed files, unknown labels, an unreadable transfer set.
         TeacherError: the tokenizer cannot be loaded.
     """
     from actors.models import load_tokenizer, resolve_model, vocab_fingerprint
 
     spec = task_spec(task, data)
     train_ex, dev_ex = load_split(task, data, "train"), load_split(task, data, "dev")
+    if transfer:
+        train_ex = train_ex.concat(load_transfer(task, data))
     tok = load_tokenizer(tokenizer_init)
     return Inputs(spec, encode(train_ex, tok, data.max_length), encode(dev_ex, tok, data.max_length),
-                  int(tok.pad_token_id or 0), vocab_fingerprint(tok), resolve_model(tokenizer_init))
+                  int(tok.pad_token_id or 0), vocab_fingerprint(tok), resolve_model(tokenizer_init), train_ex,
+                  data.max_length)
+
+
+def with_views(inputs: Inputs, tokenizers: dict[str, str]) -> Inputs:
+    """The inputs with the training rows also tokenized by each teacher tokenizer unlike the student's.
+
+    The driver tokenizes once per distinct tokenizer (not once per teacher) with the same truncation and
+    `max_length`; every batch then carries each view (`Encoded.batch`) and a teacher reads the one of its
+    own tokenizer (`TokenBatch.view`). Soft labels and [CLS] states need nothing more: each teacher sees the
+    whole text in its own tokens.
+
+    Args:
+        inputs: from `prepare_inputs`.
+        tokenizers: vocab fingerprint -> tokenizer folder/name (a teacher's checkpoint), one per teacher.
+
+    Returns:
+        `inputs` itself when every tokenizer is the student's or already has its view, else a copy whose
+        `train` has the missing views.
+
+    Raises:
+        TeacherError: a tokenizer that does not load, or one whose fingerprint is not what the manifest says.
+    """
+    import dataclasses
+
+    from actors.errors import TeacherError
+    from actors.models import load_tokenizer, vocab_fingerprint
+
+    missing = {fp: src for fp, src in tokenizers.items() if fp != inputs.vocab and fp not in inputs.train.views}
+    if not missing:
+        return inputs
+    if inputs.train_examples is None:
+        raise ValueError("with_views needs Inputs.train_examples (made by prepare_inputs)")
+    views = dict(inputs.train.views)
+    for fp, src in missing.items():
+        tok = load_tokenizer(src)
+        if vocab_fingerprint(tok) != fp:
+            raise TeacherError(f"the tokenizer in {src} is not the one the teachers manifest records ({fp}); "
+                               f"re-run `skd teachers prepare`")
+        enc = encode(inputs.train_examples, tok, inputs.max_length)
+        views[fp] = (enc.input_ids, int(tok.pad_token_id or 0))
+    return dataclasses.replace(inputs, train=dataclasses.replace(inputs.train, views=views))
 
 
 class StepBatches:

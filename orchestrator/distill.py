@@ -144,6 +144,7 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
                 plan = plan.with_student_scores(student_scores or student_rank_scores(plan, knowledge, resources))
             params = flatten(cfg)
             params["distill.probs"] = json.dumps([round(p, 6) for p in plan.probs]) if plan.probs else "none"
+            params.update({**lineage.teacher_params(plan), **lineage.data_params(plan)})
             tags = {"skd.kind": "distill", "skd.task": cfg.task, "skd.strategy": cfg.distill.strategy,
                     "skd.distribution": plan.family, **lineage.lineage_tags(plan),
                     "mlflow.note.content": lineage.description(plan), **(extra_tags or {})}

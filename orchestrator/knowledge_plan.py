@@ -106,7 +106,8 @@ def cache_fingerprint(cfg: SkdConfig, inputs: Inputs, teachers: list[TeacherInfo
     The training rows are identified by a SHA-256 over their token ids (so another subset, seed, max_length
     or tokenizer gives another fingerprint); teachers by name, shape, size and dev score (not by path, so
     a cache stays valid when moved) and the MLflow run that fine-tuned them (a re-prepared teacher with
-    the same dev score is another teacher).
+    the same dev score is another teacher), and a teacher's tokenizer where it is not the student's (the
+    student's is `vocab`; caches of one-tokenizer ensembles keep the fingerprint they had).
     """
     digest = hashlib.sha256()
     for row in inputs.train.input_ids:
@@ -118,7 +119,8 @@ def cache_fingerprint(cfg: SkdConfig, inputs: Inputs, teachers: list[TeacherInfo
         "dataset": {"rows": len(inputs.train), "token_ids_sha256": digest.hexdigest()[:32]},
         "teachers": [{"name": t.name, "num_layers": t.num_layers, "hidden_size": t.hidden_size,
                       "parameters": t.parameters, "dev_metric": round(t.dev_metric, 8),
-                      "mlflow_run_id": t.mlflow_run_id} for t in teachers],
+                      "mlflow_run_id": t.mlflow_run_id,
+                      **({"vocab": t.vocab} if t.vocab != inputs.vocab else {})} for t in teachers],
     }
 
 
@@ -164,6 +166,12 @@ def plan_knowledge(cfg: SkdConfig, inputs: Inputs, teachers: list[TeacherInfo], 
     """
     kn = cfg.distill.knowledge
     request = KnowledgeRequest(wire_dtype=kn.wire_dtype) if soft_labels_only else knowledge_request(cfg, inputs)
+    foreign = [t.name for t in teachers if t.vocab != inputs.vocab]
+    if request.needs_tokens and foreign:
+        raise ConfigError(f"distill.knowledge.outputs {list(kn.outputs)}: teachers {', '.join(foreign)} tokenize "
+                          f"with another tokenizer than the student ({cfg.student.init}), so their hidden states "
+                          f"and attentions are over other tokens; ask only cls (and soft labels) of a mixed "
+                          f"ensemble, or use teachers of the student's tokenizer")
     if request.needs_layers:
         try:
             stage_at(0, total_steps, kn.schedule, request.student_layers, kn.ir_fraction)

@@ -61,8 +61,23 @@ def _source(cfg: SkdConfig, split: str):
     return str(path.resolve())  # MLflow makes it a local file source
 
 
+def _dataset_input(frame: dict, source, name: str, tags: list):
+    """An MLflow `DatasetInput` of a pandas frame of rows (targets: its `label` column when it has one)."""
+    import pandas as pd
+    from mlflow.data import from_pandas
+    from mlflow.entities import DatasetInput
+
+    with warnings.catch_warnings():  # MLflow's hints on integer columns and on file paths
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = from_pandas(pd.DataFrame(frame), source=source, targets="label" if "label" in frame else None,
+                              name=name)
+        return DatasetInput(dataset._to_mlflow_entity(), tags)
+
+
 def log_datasets(client: MlflowClient, run_id: str, cfg: SkdConfig) -> None:
-    """Log the run's training and dev data as MLflow dataset inputs (contexts "training" and "evaluation").
+    """Log the run's training and dev data as MLflow dataset inputs (contexts "training" and "evaluation"), and
+    the unlabelled transfer rows (`data.transfer`) as one of their own (`<task>-transfer`, context "transfer";
+    not for no-kd runs, which skip them).
 
     Each is named `<task>-train` / `<task>-dev`, with MLflow's digest of the rows actually used (texts and
     labels after subsetting), its source (file or hub dataset) and tags `subset` (which rows) and
@@ -71,11 +86,9 @@ def log_datasets(client: MlflowClient, run_id: str, cfg: SkdConfig) -> None:
     Raises:
         DataError: the data cannot be read (it was read moments before by the plan, so rarely).
     """
-    import pandas as pd
-    from mlflow.data import from_pandas
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import InputTag
 
-    from orchestrator.data import read_split, subset_split
+    from orchestrator.data import load_transfer, read_split, subset_split
 
     inputs = []
     for split, context in (("train", "training"), ("dev", "evaluation")):
@@ -85,12 +98,26 @@ def log_datasets(client: MlflowClient, run_id: str, cfg: SkdConfig) -> None:
                  "label": ex.labels, "id": ex.ids}
         tags = [InputTag("mlflow.data.context", context), InputTag("subset", _subset(cfg, split, len(ex), total)),
                 InputTag("max_length", str(cfg.data.max_length))]
-        with warnings.catch_warnings():  # MLflow's hints on integer columns and on file paths
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = from_pandas(pd.DataFrame(frame), source=_source(cfg, split), targets="label",
-                                  name=f"{cfg.task}-{split}")
-            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+        inputs.append(_dataset_input(frame, _source(cfg, split), f"{cfg.task}-{split}", tags))
+    transfer = load_transfer(cfg.task, cfg.data) if cfg.distill.strategy != "no-kd" else None
+    if transfer is not None:
+        t = cfg.data.transfer
+        source = _source(cfg, "train") if t.source == "rest" else str(Path(t.file).expanduser().resolve())
+        frame = {"text_a": transfer.text_a, **({"text_b": transfer.text_b} if transfer.text_b is not None else {}),
+                 "id": transfer.ids}
+        what = (f"training rows past the first {cfg.data.max_train_samples} of the shuffle" if t.source == "rest"
+                else "rows of the transfer file")
+        tags = [InputTag("mlflow.data.context", "transfer"), InputTag("subset", f"{len(transfer)} {what}, unlabelled"),
+                InputTag("max_length", str(cfg.data.max_length))]
+        inputs.append(_dataset_input(frame, source, f"{cfg.task}-transfer", tags))
     client.log_inputs(run_id, datasets=inputs)
+
+
+def data_params(plan: "RunPlan") -> dict[str, str]:
+    """The training rows counted apart as MLflow params: `data.labelled_rows` and `data.transfer_rows`
+    (unlabelled, taught by the teachers alone; 0 without `data.transfer` and for no-kd)."""
+    transfer = plan.inputs.transfer_rows
+    return {"data.labelled_rows": str(len(plan.inputs.train) - transfer), "data.transfer_rows": str(transfer)}
 
 
 def input_example(cfg: SkdConfig) -> str | list[dict[str, str]] | None:
@@ -133,18 +160,33 @@ def lineage_tags(plan: "RunPlan") -> dict[str, str]:
     return tags
 
 
+def teacher_params(plan: "RunPlan") -> dict[str, str]:
+    """Each teacher's capacity as MLflow params: `teacher.<name>.family`, `.layers`, `.hidden_size`,
+    `.parameters` (count) and `.forward_flops` (forward FLOPs per token at `data.max_length`; not "per_token": the
+    redaction of secrets hides keys that name a token)."""
+    out: dict[str, str] = {}
+    for t in plan.teachers if plan.strategy != "no-kd" else []:
+        out.update({f"teacher.{t.name}.family": t.family or "unknown", f"teacher.{t.name}.layers": str(t.num_layers),
+                    f"teacher.{t.name}.hidden_size": str(t.hidden_size),
+                    f"teacher.{t.name}.parameters": str(t.parameters),
+                    f"teacher.{t.name}.forward_flops": str(t.flops_per_token)})
+    return out
+
+
 def teachers_table(plan: "RunPlan", probs: dict[str, float] | None = None) -> str:
-    """A markdown table of the run's teachers (layers, parameters, dev metric, sampling p, fine-tuning run),
-    for the run's description; `probs` overrides the plan's p (an adaptive run's learnt p)."""
+    """A markdown table of the run's teachers (family, layers, hidden size, parameters, forward GFLOPs per token
+    at `data.max_length` (`actors.models.forward_flops_per_token`), dev metric, sampling p, fine-tuning run),
+    for the run's description and the model card; `probs` overrides the plan's p (an adaptive run's learnt p)."""
     if plan.strategy == "no-kd" or not plan.teachers:
         return "No teachers: the student learned from the labels alone (no-kd)."
     p = probs or ({n: q for n, q in zip(plan.names, plan.probs)} if plan.probs else {})
-    rows = ["| teacher | layers | parameters | dev " + plan.teachers[0].metric + " | p | fine-tuning run |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| teacher | family | layers | hidden | parameters | GFLOPs/token | dev " + plan.teachers[0].metric
+            + " | p | fine-tuning run |", "|---|---|---|---|---|---|---|---|---|"]
     for t in plan.teachers:
         share = f"{p[t.name]:.3f}" if t.name in p else ("mean" if plan.strategy == "average" else "-")
-        rows.append(f"| {t.name} | {t.num_layers} | {t.parameters / 1e6:.1f}M | {t.dev_metric:.4f} | {share} | "
-                    f"{t.mlflow_run_id or 'imported'} |")
+        flops = f"{t.flops_per_token / 1e9:.3f}" if t.flops_per_token else "-"
+        rows.append(f"| {t.name} | {t.family or '-'} | {t.num_layers} | {t.hidden_size} | {t.parameters / 1e6:.1f}M "
+                    f"| {flops} | {t.dev_metric:.4f} | {share} | {t.mlflow_run_id or 'imported'} |")
     return "\n".join(rows)
 
 

@@ -17,8 +17,8 @@ from actors.selection import gather, gather_attention
 from orchestrator.schedule import Stage
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), averaged over the batch.
+def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per row, T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) (Hinton et al. 2015).
 
     Args:
         student_logits: [B, C].
@@ -26,42 +26,61 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         temperature: T > 0.
 
     Returns:
-        A scalar tensor.
+        [B] tensor.
     """
     log_p_s = F.log_softmax(student_logits / temperature, dim=-1)  # [B, C]
-    log_p_t = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)  # [B, C]
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)  # [B, C]
+    return F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1) * temperature ** 2
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`kd_loss_rows` averaged over the batch: a scalar tensor."""
+    return kd_loss_rows(student_logits, teacher_logits, temperature).mean()
 
 
 def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-                      alpha: float, temperature: float, regression: bool) -> dict[str, torch.Tensor]:
+                      alpha: float, temperature: float, regression: bool, labelled: torch.Tensor | None = None,
+                      transfer_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """The per-step training loss and its terms.
 
-    Classification: loss = alpha * CE(z_s, y) + (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)).
-    Regression (STS-B): loss = alpha * MSE(z_s, y) + (1 - alpha) * MSE(z_s, z_t).
-    Without a teacher (no-kd) the loss is the hard-label term alone.
+    Per row i, with soft_i = T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) (regression: (z_s - z_t)^2) and hard_i
+    = CE(z_s, y) (regression: (z_s - y)^2):
+
+        loss = mean_i [ alpha * hard_i + (1 - alpha) * soft_i ]   labelled rows
+                    + [ transfer_weight * soft_i ]                 unlabelled transfer rows (no label to learn)
+
+    With every row labelled this is alpha * CE + (1 - alpha) * T^2 * KL, the Hinton et al. (2015) loss SKDBERT
+    uses. Without a teacher (no-kd) the loss is the hard-label term alone (transfer rows add nothing).
 
     Args:
         student_logits: [B, C] ([B, 1] for regression).
-        labels: [B] int64 class indices, or [B] float scores.
+        labels: [B] int64 class indices, or [B] float scores (a transfer row's value is ignored).
         teacher_logits: [B, C] or None.
         alpha: weight of the hard-label term, in [0, 1].
         temperature: T for the KL term.
         regression: use the MSE variant.
+        labelled: [B] bool, False for transfer rows; None: every row is labelled.
+        transfer_weight: weight of the soft-label term on transfer rows.
 
     Returns:
-        `{"loss": total, "loss_hard": hard-label term, "loss_kd": KD term (0 when no teacher)}`.
+        `{"loss": total, "loss_hard": hard-label term (mean over labelled rows), "loss_kd": KD term (mean over
+        all rows; 0 when no teacher)}`.
     """
+    b = student_logits.shape[0]
+    keep = torch.ones(b, dtype=torch.bool, device=student_logits.device) if labelled is None else labelled
     if regression:
         pred = student_logits.squeeze(-1)  # [B]
-        hard = F.mse_loss(pred, labels.float())
-        soft = F.mse_loss(pred, teacher_logits.detach().squeeze(-1).float()) if teacher_logits is not None else None
+        hard_i = (pred - torch.where(keep, labels.float(), pred.detach())) ** 2
+        soft_i = (pred - teacher_logits.detach().squeeze(-1).float()) ** 2 if teacher_logits is not None else None
     else:
-        hard = F.cross_entropy(student_logits, labels)
-        soft = kd_loss(student_logits, teacher_logits.float(), temperature) if teacher_logits is not None else None
-    if soft is None:
+        hard_i = F.cross_entropy(student_logits, torch.where(keep, labels, torch.zeros_like(labels)), reduction="none")
+        soft_i = kd_loss_rows(student_logits, teacher_logits, temperature) if teacher_logits is not None else None
+    kept = keep.float()
+    hard = (hard_i * kept).sum() / kept.sum().clamp(min=1.0)
+    if soft_i is None:
         return {"loss": hard, "loss_hard": hard, "loss_kd": torch.zeros((), device=hard.device)}
-    return {"loss": alpha * hard + (1 - alpha) * soft, "loss_hard": hard, "loss_kd": soft}
+    per_row = torch.where(keep, alpha * hard_i + (1 - alpha) * soft_i, transfer_weight * soft_i)  # [B]
+    return {"loss": per_row.mean(), "loss_hard": hard, "loss_kd": soft_i.mean()}
 
 
 class HiddenProjection(torch.nn.Module):

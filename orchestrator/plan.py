@@ -1,6 +1,6 @@
 """The run plan: what a run will do, resolved and validated once on the driver before Ray starts.
 
-`make_plan` reads the teachers manifest, checks it against the task and the student's vocabulary, turns
+`make_plan` reads the teachers manifest, checks it against the task, tokenizes for each teacher tokenizer, turns
 the strategy into a sampling distribution (SKDBERT, Ding et al. 2023), counts the steps, evaluations and
 checkpoints, and plans the knowledge (request, schedule, cache). `distill`, `compare`, every `tune`
 trial, `cache build` and the student-rank pre-pass consume a `RunPlan`; nothing downstream recomputes
@@ -18,10 +18,11 @@ from actors.knowledge import KnowledgeRequest
 from actors.manifest import TeacherInfo, read_manifest, validate_teachers
 from actors.pool import PlacementPlan
 from orchestrator.config import RayConfig, SkdConfig
-from orchestrator.data import Inputs, prepare_inputs
+from actors.models import check_cut
+from orchestrator.data import Inputs, prepare_inputs, with_views
 from orchestrator.knowledge_plan import KnowledgePlan, plan_knowledge
 from orchestrator.outputs import check_output
-from orchestrator.sampling import TeacherSampler, sampling_distribution
+from orchestrator.sampling import TeacherSampler, capacities, sampling_distribution
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class RunPlan:
         """The plan with the student-rank distribution computed from pre-pass scores, [N]."""
         d = self.cfg.distill.distribution
         probs = sampling_distribution(d, self.names, [t.dev_metric for t in self.teachers],
-                                      [t.parameters for t in self.teachers], scores).tolist()
+                                      capacities(d, self.teachers), scores).tolist()
         return dataclasses.replace(self, probs=probs)
 
     def resources(self, cluster: dict[str, float], teachers: int, student_workers: int | None = None) -> Resources:
@@ -183,14 +184,13 @@ def default_run_name(cfg: SkdConfig) -> str:
 
 
 def load_teachers(cfg: SkdConfig, inputs: Inputs) -> list[TeacherInfo]:
-    """The configured teachers from the manifest, checked against the task and the student's vocabulary.
+    """The configured teachers from the manifest, checked against the task.
 
     Raises:
-        TeacherError: manifest or checkpoints missing, task/label/vocabulary mismatch.
+        TeacherError: manifest or checkpoints missing, task/label mismatch.
     """
     names = [m.name for m in cfg.teachers.members]
-    return validate_teachers(read_manifest(cfg.manifest_path()), names, cfg.task, inputs.spec.num_labels,
-                             inputs.vocab)
+    return validate_teachers(read_manifest(cfg.manifest_path()), names, cfg.task, inputs.spec.num_labels)
 
 
 def _distribution(cfg: SkdConfig, teachers: list[TeacherInfo]) -> tuple[str, str, list[float] | None, list[int]]:
@@ -207,7 +207,7 @@ def _distribution(cfg: SkdConfig, teachers: list[TeacherInfo]) -> tuple[str, str
     if d.distribution.family == "student-rank":
         return "skd", "student-rank", None, list(range(len(names)))
     probs = sampling_distribution(d.distribution, names, [t.dev_metric for t in teachers],
-                                  [t.parameters for t in teachers]).tolist()
+                                  capacities(d.distribution, teachers)).tolist()
     TeacherSampler(probs, d.seed)  # validates p
     return "skd", d.distribution.family, probs, [i for i, p in enumerate(probs) if p > 0]
 
@@ -225,10 +225,15 @@ def make_plan(cfg: SkdConfig, inputs: Inputs | None = None) -> RunPlan:
         CacheError: a missing, partial or mismatched knowledge cache.
         SkdError: the student's folder exists and was not written by skd.
     """
+    check_cut(cfg.student.init, cfg.student.num_layers, "student.num_layers")
     inputs = inputs or prepare_inputs(cfg.data, cfg.task, cfg.student.init)
     d = cfg.distill
     no_teachers = d.strategy == "no-kd" and not cfg.manifest_path().is_file()
     teachers = [] if no_teachers else load_teachers(cfg, inputs)  # no-kd needs none; retention is not reported
+    if d.strategy != "no-kd":  # each teacher reads the rows in its own tokenizer's tokens
+        inputs = with_views(inputs, {t.vocab: t.checkpoint for t in teachers})
+    else:  # transfer rows teach through teachers only: a student without one trains on the labelled rows
+        inputs = inputs.labelled_only()
     strategy, family, probs, active = _distribution(cfg, teachers)
     steps = StepPlan.make(len(inputs.train), d.batch_size, cfg.ray.num_workers, d.epochs, d.max_steps,
                           d.eval_every, d.checkpoint_every)

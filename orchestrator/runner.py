@@ -103,7 +103,7 @@ def distill_spec(plan: RunPlan, source: KnowledgeSource | None, *, stop_after: i
                 if plan.family == "adaptive" else None)
     knowledge = None if plan.knowledge is None else KnowledgeSpec(
         source, plan.strategy, plan.probs, plan.names, plan.knowledge, d.alpha, d.temperature, d.prefetch, reweigh,
-        adaptive)
+        adaptive, d.transfer_weight)
     run = RunSettings(plan.steps, int(cfg.ray.cpus_per_worker), d.log_every, d.eval_batch_size, d.gsnr_every,
                       d.gsnr_probe_size, stop_after, resume_from, plan.best_teacher_metric)
     return WorkerSpec(task, Optimisation(d.lr, d.batch_size, d.warmup_ratio, d.weight_decay, d.seed), knowledge, run)

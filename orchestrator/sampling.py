@@ -9,7 +9,8 @@ ours (from the design notes) are, for N teachers with scores s_i and ascending r
 - teacher-rank:       p_i = r_i^gamma / sum_j r_j^gamma, s_i = teacher i's own dev metric
 - student-rank:       same formula, s_i = dev metric of a student distilled from teacher i alone
 - softmax:            p_i = exp(s_i / tau) / sum_j exp(s_j / tau)
-- capacity-gaussian:  p_i ∝ exp(-(ln c_i - mu)^2 / (2 sigma^2)), c_i = teacher i's parameter count
+- capacity-gaussian:  p_i ∝ exp(-(ln c_i - mu)^2 / (2 sigma^2)), c_i = teacher i's capacity:
+                      parameter count, or forward FLOPs per token (`distribution.capacity`)
 - weights:            p_i = w_i / sum_j w_j (explicit)
 - adaptive:           starts uniform; learnt online by a bandit (`orchestrator.adaptive`)
 
@@ -43,6 +44,24 @@ def softmax_probs(scores: Sequence[float], tau: float) -> np.ndarray:
     return z / z.sum()
 
 
+def capacities(dist: DistributionConfig, teachers: Sequence[TeacherInfo]) -> list[float]:
+    """Each teacher's capacity c_i for capacity-gaussian, [N]: `parameters`, or `flops_per_token` (forward FLOPs
+    per token at `data.max_length`, `actors.models.forward_flops_per_token`) when `dist.capacity` is "flops".
+
+    Raises:
+        ConfigError: capacity "flops" with a teacher whose manifest entry predates FLOPs (0), for a
+            capacity-gaussian distribution.
+    """
+    if dist.capacity == "parameters":
+        return [float(t.parameters) for t in teachers]
+    unknown = [t.name for t in teachers if t.flops_per_token <= 0]
+    if unknown and dist.family == "capacity-gaussian":
+        raise ConfigError(f"distill.distribution.capacity: flops, but the manifest has no FLOPs for {', '.join(unknown)} "
+                          f"(prepared before skd measured them): re-run `skd teachers prepare --force` or use "
+                          f"capacity: parameters")
+    return [float(t.flops_per_token or t.parameters) for t in teachers]
+
+
 def capacity_gaussian_probs(params: Sequence[float], mu: float | None, sigma: float) -> np.ndarray:
     """p_i ∝ exp(-(ln c_i - mu)^2 / (2 sigma^2)); mu defaults to the mean of ln c. Shape [N]."""
     logc = np.log(np.asarray(params, dtype=np.float64))
@@ -50,7 +69,7 @@ def capacity_gaussian_probs(params: Sequence[float], mu: float | None, sigma: fl
     w = np.exp(-((logc - centre) ** 2) / (2 * sigma ** 2))
     if w.sum() <= 0:
         raise ConfigError(f"distill.distribution: capacity-gaussian with mu={mu}, sigma={sigma} gives every teacher "
-                          f"zero probability (ln parameters are {np.round(logc, 2).tolist()}); widen sigma")
+                          f"zero probability (ln c are {np.round(logc, 2).tolist()}); widen sigma")
     return w / w.sum()
 
 
@@ -82,7 +101,7 @@ def sampling_distribution(dist: DistributionConfig, names: Sequence[str], teache
         dist: family and shape parameters.
         names: teacher names, [N].
         teacher_scores: the teachers' dev metrics, [N] (teacher-rank, softmax).
-        params: parameter counts, [N] (capacity-gaussian).
+        params: capacities c_i, [N] (capacity-gaussian; `capacities`).
         student_scores: pre-pass student dev metrics per teacher, [N] (student-rank only).
 
     Returns:
@@ -206,7 +225,7 @@ class Reweigh:
         chosen = [infos[i] for i in live]
         try:
             p[live] = sampling_distribution(self.dist, [t.name for t in chosen], [t.dev_metric for t in chosen],
-                                            [t.parameters for t in chosen])
+                                            capacities(self.dist, chosen))
         except ConfigError:  # e.g. weights naming none of the live teachers
             return np.zeros(len(infos))
         return p

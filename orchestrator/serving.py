@@ -48,7 +48,12 @@ def _teachers(cfg: SkdConfig, names: list[str] | None = None) -> tuple[list[Teac
         raise TeacherError(f"teachers {unknown} are not in teachers.members ({', '.join(members)}); add them to the "
                            f"config and run `skd teachers prepare -c CONFIG`")
     vocab = vocab_fingerprint(load_tokenizer(resolve_model(cfg.student.init)))
-    infos = validate_teachers(read_manifest(cfg.manifest_path()), wanted, spec.name, spec.num_labels, vocab)
+    infos = validate_teachers(read_manifest(cfg.manifest_path()), wanted, spec.name, spec.num_labels)
+    other = [t.name for t in infos if t.vocab != vocab]
+    if other:  # a served pool outlives its students: later ones may not carry a view of a joining tokenizer
+        raise TeacherError(f"teachers {', '.join(other)} tokenize otherwise than the student ({cfg.student.init}); "
+                           f"a served pool serves one tokenizer: serve them in a pool of their own family, or run "
+                           f"the mixed ensemble without a served pool (skd distill starts its own teachers)")
     t = cfg.teachers
     settings = {"task": spec.name, "num_labels": spec.num_labels, "regression": spec.is_regression, "vocab": vocab,
                 "attn_implementation": "eager" if cfg.distill.knowledge.needs_attentions else None,

@@ -65,6 +65,7 @@ class KnowledgeSpec:
         reweigh: p after a served pool's membership changed (`orchestrator.sampling.Reweigh`); None: p
             renormalised over the live teachers.
         adaptive: the adaptive family's settings (`orchestrator.adaptive.AdaptiveSettings`); None: p is fixed.
+        transfer_weight: weight of the soft-label term on unlabelled transfer rows (`distill.transfer_weight`).
     """
 
     source: KnowledgeSource
@@ -77,6 +78,7 @@ class KnowledgeSpec:
     prefetch: bool = True
     reweigh: Any = None
     adaptive: Any = None
+    transfer_weight: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,21 @@
 """`skd teachers prepare`: fine-tune each ensemble member on the task and write the teachers manifest.
 
-Each member is trained by the same loop as the student (strategy no-kd: hard labels only), in its own
-MLflow run tagged `skd.kind=teacher`, then evaluated on dev. Members already in the manifest with an
+Each member is trained by the same loop as the student (strategy no-kd: hard labels only), on the task's
+rows in its own tokenizer's tokens, in its own MLflow run tagged `skd.kind=teacher`, then evaluated on dev. Members already in the manifest with an
 existing checkpoint are reused, not retrained; members with `checkpoint:` set are imported (evaluated,
 not trained).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ray
 
 from actors.errors import TeacherError
 from actors.manifest import TeacherInfo, read_manifest, write_manifest
-from actors.models import count_parameters, load_classifier, load_tokenizer, resolve_model, vocab_fingerprint
+from actors.models import (check_cut, count_parameters, depth_of, forward_flops_per_token, load_classifier,
+                           load_tokenizer, resolve_model, vocab_fingerprint)
 from orchestrator.config import SkdConfig, TeacherMember, flatten
 from orchestrator.data import Inputs, prepare_inputs
 from orchestrator.plan import StepPlan, student_gpus
@@ -28,12 +28,38 @@ from orchestrator.trainer import evaluate
 
 def _info(member: TeacherMember, checkpoint: Path, inputs: Inputs, dev_metric: float, run_id: str) -> TeacherInfo:
     model = load_classifier(str(checkpoint), inputs.spec.num_labels, regression=inputs.spec.is_regression)
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    return TeacherInfo(name=member.name, checkpoint=str(checkpoint), num_layers=int(cfg["num_hidden_layers"]),
-                       hidden_size=int(cfg["hidden_size"]), parameters=count_parameters(model),
+    return TeacherInfo(name=member.name, checkpoint=str(checkpoint), num_layers=depth_of(model.config),
+                       hidden_size=int(model.config.hidden_size), parameters=count_parameters(model),
                        dev_metric=float(dev_metric), metric=inputs.spec.metric,
                        vocab=vocab_fingerprint(load_tokenizer(str(checkpoint))), num_labels=inputs.spec.num_labels,
-                       task=inputs.spec.name, mlflow_run_id=run_id)
+                       task=inputs.spec.name, mlflow_run_id=run_id, family=str(model.config.model_type),
+                       flops_per_token=forward_flops_per_token(model, inputs.max_length))
+
+
+class MemberInputs:
+    """Each member's training data in its own tokenizer's tokens: one tokenization per distinct tokenizer
+    (members of one family share it), the student's reused where a member tokenizes like the student."""
+
+    def __init__(self, cfg: SkdConfig, student: Inputs) -> None:
+        self.cfg, self.by_vocab = cfg, {student.vocab: student}
+
+    def source(self, m: TeacherMember) -> str:
+        return str(m.checkpoint) if m.checkpoint else m.init
+
+    def check(self, m: TeacherMember) -> None:
+        """Fail fast, before Ray: the member's folder, family, depth cut and tokenizer must load."""
+        if m.checkpoint is not None and not (Path(m.checkpoint) / "config.json").is_file():
+            raise TeacherError(f"teachers.members[{m.name}].checkpoint {m.checkpoint} does not exist or has no "
+                               f"config.json; point it at a save_pretrained folder")
+        check_cut(self.source(m), m.num_layers, f"teachers.members[{m.name}].num_layers")
+        self(m)
+
+    def __call__(self, m: TeacherMember) -> Inputs:
+        tok = load_tokenizer(self.source(m))
+        fp = vocab_fingerprint(tok)
+        if fp not in self.by_vocab:
+            self.by_vocab[fp] = prepare_inputs(self.cfg.data, self.cfg.task, self.source(m), transfer=False)
+        return self.by_vocab[fp]
 
 
 def _finetune(cfg: SkdConfig, inputs: Inputs, member: TeacherMember, out_dir: Path, threads: int,
@@ -75,15 +101,9 @@ def prepare_teachers(cfg: SkdConfig, force: bool = False) -> list[TeacherInfo]:
     """
     path = cfg.manifest_path()
     existing = {t.name: t for t in read_manifest(path)} if path.is_file() else {}
-    inputs = prepare_inputs(cfg.data, cfg.task, cfg.student.init)
-    for m in cfg.teachers.members:  # every init must load (fail fast, before Ray)
-        source = str(m.checkpoint) if m.checkpoint else m.init
-        if m.checkpoint is not None and not (Path(m.checkpoint) / "config.json").is_file():
-            raise TeacherError(f"teachers.members[{m.name}].checkpoint {m.checkpoint} does not exist or has no "
-                               f"config.json; point it at a save_pretrained folder")
-        if vocab_fingerprint(load_tokenizer(source)) != inputs.vocab:
-            raise TeacherError(f"teacher {m.name!r} ({source}) uses a different tokenizer vocabulary than the "
-                               f"student ({cfg.student.init}); use one model family for teachers and student")
+    member_inputs = MemberInputs(cfg, prepare_inputs(cfg.data, cfg.task, cfg.student.init, transfer=False))
+    for m in cfg.teachers.members:  # every init must load and cut (fail fast, before Ray)
+        member_inputs.check(m)
     results: dict[str, TeacherInfo] = {}
     todo = []
     for m in cfg.teachers.members:
@@ -92,7 +112,7 @@ def prepare_teachers(cfg: SkdConfig, force: bool = False) -> list[TeacherInfo]:
             print(f"[skd] teacher {m.name}: reusing {prev.checkpoint} (dev {prev.metric} {prev.dev_metric:.4f})")
             results[m.name] = prev
         elif m.checkpoint is not None:
-            ckpt = Path(m.checkpoint).resolve()
+            ckpt, inputs = Path(m.checkpoint).resolve(), member_inputs(m)
             model = load_classifier(str(ckpt), inputs.spec.num_labels, regression=inputs.spec.is_regression)
             dev = evaluate(model, inputs.dev, inputs.spec, inputs.pad_id, cfg.distill.eval_batch_size)
             results[m.name] = _info(m, ckpt, inputs, dev[inputs.spec.metric], "")
@@ -106,7 +126,7 @@ def prepare_teachers(cfg: SkdConfig, force: bool = False) -> list[TeacherInfo]:
             threads = int(cfg.teachers.finetune.cpus_per_worker or max(1, cluster.get("CPU", 1)))
             for i, m in enumerate(todo, 1):
                 with console.context(f"teacher {i} of {len(todo)}"):
-                    results[m.name] = _finetune(cfg, inputs, m, path.parent / m.name, threads,
+                    results[m.name] = _finetune(cfg, member_inputs(m), m, path.parent / m.name, threads,
                                                 student_gpus(cfg.ray, cluster) > 0)
                 write_manifest(path, [results[n] for n in results])  # progress survives an interruption
     teachers = [results[m.name] for m in cfg.teachers.members]

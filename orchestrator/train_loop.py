@@ -24,7 +24,7 @@ import torch
 
 from actors.errors import TeachersLostError
 from actors.knowledge import Knowledge
-from orchestrator.data import StepBatches
+from orchestrator.data import StepBatches, is_labelled
 from orchestrator.console import progress_line
 from orchestrator.control import StopPoller
 from orchestrator.feed import KnowledgeFeed
@@ -66,10 +66,11 @@ class DistillRecipe:
             kn.plan.request, kn.plan.schedule, kn.plan.ir_fraction, kn.prefetch,
             agree=self._agree if self.world > 1 else None, reweigh=kn.reweigh, key=run.run_id,
             widths=kn.plan.teacher_widths if kn.plan.request.needs_layers else None, adaptive=kn.adaptive)
-        self.probe = None  # the adaptive family's fixed probe batch: probe_size training rows, seeded
+        self.labelled = np.flatnonzero(is_labelled(self.train_data.labels))  # probes need labels: no transfer rows
+        self.probe = None  # the adaptive family's fixed probe batch: probe_size labelled training rows, seeded
         if self.feed.adaptive is not None:
-            size = min(kn.adaptive.probe_size, len(self.train_data))
-            rows = np.random.default_rng(spec.optim.seed).choice(len(self.train_data), size, replace=False)
+            size = min(kn.adaptive.probe_size, len(self.labelled))
+            rows = np.random.default_rng(spec.optim.seed).choice(self.labelled, size, replace=False)
             self.probe = self.train_data.batch(np.sort(rows), spec.task.pad_id)
         self.start = self._resume()
         if self.feed.elastic is not None:  # a checkpoint may hold teachers that joined a served pool
@@ -300,7 +301,7 @@ class DistillRecipe:
 
         t0 = time.perf_counter()
         run, task = self.spec.run, self.spec.task
-        probe = self.train_data.batch(np.arange(min(run.gsnr_probe_size, len(self.train_data))), task.pad_id)
+        probe = self.train_data.batch(self.labelled[: run.gsnr_probe_size], task.pad_id)
         stats = probe_gsnr(self.trainer.core, probe, task.spec.is_regression, self.trainer.device)
         self.logger.log({**stats, "gsnr/seconds": time.perf_counter() - t0}, step)
         self.spent["gsnr"] += time.perf_counter() - t0

@@ -20,7 +20,7 @@ import torch
 from actors.knowledge import Knowledge
 from orchestrator.checkpointing import (PROJECTION_FILE, load_module_state, load_training_state, model_state,
                                         save_module_state, save_training_state)
-from orchestrator.data import Encoded, TaskSpec
+from orchestrator.data import Encoded, TaskSpec, is_labelled
 from orchestrator.losses import HiddenProjection, as_tensor, distillation_loss, ir_loss_terms
 from orchestrator.metrics import glue_metrics
 from orchestrator.schedule import Stage
@@ -164,11 +164,13 @@ class StudentTrainer:
             scalar tensors (detached except "loss").
         """
         labels = torch.as_tensor(batch["labels"], device=self.device)  # [B]
+        labelled = torch.as_tensor(is_labelled(batch["labels"]), device=self.device)  # [B], False: transfer rows
         teacher_logits = as_tensor(knowledge.logits, self.device, np.float32) if knowledge is not None else None
         kn = self.spec.knowledge
         if stage.soft_labels:
             terms = distillation_loss(out.logits, labels, teacher_logits, kn.alpha if kn else 1.0,
-                                      kn.temperature if kn else 1.0, self.spec.task.spec.is_regression)
+                                      kn.temperature if kn else 1.0, self.spec.task.spec.is_regression, labelled,
+                                      kn.transfer_weight if kn else 1.0)
         else:  # IR phase: no label losses; 0 * logits keeps every parameter in the graph (DDP)
             zero = out.logits.sum() * 0.0
             terms = {"loss": zero, "loss_hard": zero.detach(), "loss_kd": zero.detach()}

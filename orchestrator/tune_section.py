@@ -24,6 +24,7 @@ KEYS: dict[str, str] = {
     "family": "distill.distribution.family",
     "gamma": "distill.distribution.gamma",
     "tau": "distill.distribution.tau",
+    "capacity": "distill.distribution.capacity",
     "mu": "distill.distribution.mu",
     "sigma": "distill.distribution.sigma",
     "eps": "distill.distribution.eps",

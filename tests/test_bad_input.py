@@ -91,22 +91,24 @@ def test_import_checkpoint_that_does_not_exist(write_cfg, tmp_path, tiny_model):
     assert "teachers.members[t4].checkpoint" in out
 
 
-def test_teacher_vocabulary_differs_from_student(write_cfg, tmp_path, tiny_model):
+def test_manifest_tokenizer_differs_from_checkpoint(write_cfg, tmp_path, tiny_model):
     fake_manifest(tmp_path, tiny_model, vocab="0123456789abcdef")
     out = run_cli("distill", "-c", str(write_cfg()))
-    assert "different tokenizer vocabulary" in out
+    assert "not the one the teachers manifest records" in out
 
 
-def test_prepare_with_foreign_tokenizer(write_cfg, tmp_path, tiny_model):
-    from transformers import BertTokenizerFast
-
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
-    BertTokenizerFast(vocab_file=str(other / "vocab.txt")).save_pretrained(other)
-    members = [{"name": "t4", "init": str(other)}]
+def test_cut_deeper_than_the_model(write_cfg, tiny_model):
+    members = [{"name": "t9", "init": str(tiny_model), "num_layers": 9}]
     out = run_cli("teachers", "prepare", "-c", str(write_cfg(teachers={"members": members})))
-    assert "different tokenizer vocabulary" in out
+    assert "teachers.members[t9].num_layers = 9" in out and "only 4 layers" in out
+
+
+def test_student_of_a_family_without_cuts(write_cfg, tmp_path):
+    from transformers import AlbertConfig
+
+    AlbertConfig(num_hidden_layers=2).save_pretrained(tmp_path / "albert")
+    out = run_cli("distill", "-c", str(write_cfg(student={"init": str(tmp_path / "albert"), "num_layers": 1})))
+    assert "student.num_layers: depth cuts are supported for" in out and "'albert'" in out
 
 
 @pytest.mark.parametrize("weights, fragment", [({"t4": -1, "t2": 1}, ">= 0"), ({"t4": 0, "t2": 0}, "all zero")])

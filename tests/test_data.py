@@ -113,3 +113,38 @@ def test_metrics_match_known_values():
     assert abs(m["f1"] - 0.8) < 1e-9
     s = glue_metrics(GLUE_TASKS["stsb"], np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0]))
     assert s["spearman"] == 1.0 and 0.98 < s["pearson"] < 1.0
+
+
+def test_transfer_rest_is_the_shuffle_past_the_labelled_rows():
+    from orchestrator.config import TransferConfig
+    from orchestrator.data import UNLABELLED, load_transfer
+
+    data = DataConfig(max_train_samples=100, transfer=TransferConfig(source="rest", max_rows=500))
+    labelled, transfer = load_split("sst2", data, "train"), load_transfer("sst2", data)
+    assert len(transfer) == 500 and (transfer.labels == UNLABELLED).all()
+    assert not set(labelled.ids.tolist()) & set(transfer.ids.tolist())
+    everything = load_split("sst2", DataConfig(max_train_samples=600), "train")  # the same shuffle, longer
+    assert everything.ids[100:].tolist() == transfer.ids.tolist()
+    assert transfer.text_a[0] == load_split("sst2", DataConfig(), "train").text_a[int(transfer.ids[0])]
+
+
+def test_transfer_file_reads_text_without_labels(tmp_path):
+    from orchestrator.config import TransferConfig
+    from orchestrator.data import TRANSFER_ID_BASE, load_transfer
+
+    (tmp_path / "raw.csv").write_text('review,stars\n"good, really",5\nawful,1\n')
+    data = DataConfig(transfer=TransferConfig(source="file", file=tmp_path / "raw.csv", text_column="review"))
+    ex = load_transfer("stsb", data.model_copy(update={"transfer": data.transfer.model_copy(
+        update={"text_pair_column": "stars"})}))
+    assert ex.text_a == ["good, really", "awful"] and ex.text_b == ["5", "1"] and np.isnan(ex.labels).all()
+    ex = load_transfer("sst2", data)
+    assert ex.text_b is None and ex.ids.tolist() == [TRANSFER_ID_BASE, TRANSFER_ID_BASE + 1]
+    with pytest.raises(DataError, match=r"header lacks column\(s\) \['sentence'\].*transfer.text_column"):
+        load_transfer("sst2", DataConfig(transfer=TransferConfig(source="file", file=tmp_path / "raw.csv")))
+
+
+def test_transfer_rest_needs_a_labelled_cut():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="data.max_train_samples"):
+        DataConfig(transfer={"source": "rest"})

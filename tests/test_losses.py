@@ -49,3 +49,31 @@ def test_regression_uses_mse_to_labels_and_teacher():
     assert math.isclose(out["loss_hard"].item(), 0.25)  # ((0.5)^2 + (0.5)^2) / 2
     assert math.isclose(out["loss_kd"].item(), 0.5)  # (1 + 0) / 2
     assert math.isclose(out["loss"].item(), 0.25 * 0.25 + 0.75 * 0.5)
+
+
+def test_transfer_rows_learn_the_soft_term_only_with_their_weight():
+    zs, zt = torch.randn(4, 2, requires_grad=True), torch.randn(4, 2)
+    y = torch.tensor([0, 1, -100, -100])  # the last two rows are unlabelled transfer rows
+    labelled = torch.tensor([True, True, False, False])
+    out = distillation_loss(zs, y, zt, alpha=0.3, temperature=2.0, regression=False, labelled=labelled,
+                            transfer_weight=2.0)
+    ce = torch.nn.functional.cross_entropy(zs[:2], y[:2], reduction="none")
+    kd = [kd_loss(zs[i:i + 1], zt[i:i + 1], 2.0) for i in range(4)]
+    by_hand = (0.3 * ce[0] + 0.7 * kd[0] + 0.3 * ce[1] + 0.7 * kd[1] + 2.0 * kd[2] + 2.0 * kd[3]) / 4
+    assert torch.allclose(out["loss"], by_hand) and torch.allclose(out["loss_hard"], ce.mean())
+    assert torch.allclose(out["loss_kd"], sum(kd) / 4)
+    out["loss"].backward()
+    assert torch.isfinite(zs.grad).all() and zs.grad[2:].abs().sum() > 0  # transfer rows do learn
+
+
+def test_regression_transfer_rows_ignore_their_nan_label():
+    zs, zt = torch.randn(3, 1, requires_grad=True), torch.randn(3, 1)
+    y = torch.tensor([1.0, 2.5, float("nan")])
+    out = distillation_loss(zs, y, zt, alpha=0.5, temperature=1.0, regression=True,
+                            labelled=torch.tensor([True, True, False]), transfer_weight=1.0)
+    p, t = zs.squeeze(-1), zt.squeeze(-1)
+    by_hand = (0.5 * (p[0] - 1.0) ** 2 + 0.5 * (p[0] - t[0]) ** 2 + 0.5 * (p[1] - 2.5) ** 2
+               + 0.5 * (p[1] - t[1]) ** 2 + (p[2] - t[2]) ** 2) / 3
+    assert torch.allclose(out["loss"], by_hand)
+    out["loss"].backward()
+    assert torch.isfinite(zs.grad).all()

@@ -6,7 +6,7 @@ from scipy.stats import chisquare
 
 from orchestrator.config import DistributionConfig
 from actors.errors import ConfigError
-from orchestrator.sampling import TeacherSampler, sampling_distribution
+from orchestrator.sampling import TeacherSampler, capacities, sampling_distribution
 
 NAMES = ["big", "mid", "small"]
 SCORES = [0.86, 0.83, 0.79]  # dev accuracy: big best
@@ -50,6 +50,26 @@ def test_capacity_gaussian_prefers_teachers_near_mu():
     w = np.exp(-((np.log(PARAMS) - mu) ** 2) / (2 * 0.1 ** 2))
     np.testing.assert_allclose(p, w / w.sum())
     assert p.argmax() == 2
+
+
+def _info(name, parameters, flops):
+    from actors.manifest import TeacherInfo
+
+    return TeacherInfo(name=name, checkpoint="/x", num_layers=6, hidden_size=384, parameters=parameters,
+                       dev_metric=0.8, metric="accuracy", vocab="v", num_labels=2, task="sst2", flops_per_token=flops)
+
+
+def test_capacity_by_flops_reorders_teachers():
+    # an MPNet-like teacher: more parameters (embeddings) but fewer FLOPs than a deeper, narrower one
+    infos = [_info("wide", 110e6, 1.7e8), _info("deep", 60e6, 2.5e8)]
+    by_params = capacities(DistributionConfig(family="capacity-gaussian"), infos)
+    by_flops = capacities(DistributionConfig(family="capacity-gaussian", capacity="flops"), infos)
+    assert by_params == [110e6, 60e6] and by_flops == [1.7e8, 2.5e8]
+    p = sampling_distribution(DistributionConfig(family="capacity-gaussian", capacity="flops", mu=np.log(2.5e8),
+                                                 sigma=0.2), ["wide", "deep"], [0.8, 0.8], by_flops)
+    assert p.argmax() == 1
+    with pytest.raises(ConfigError, match="no FLOPs for old"):
+        capacities(DistributionConfig(family="capacity-gaussian", capacity="flops"), [_info("old", 1e6, 0)])
 
 
 def test_weights_and_uniform_mixing():
