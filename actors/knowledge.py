@@ -25,7 +25,11 @@ class TokenBatch:
         attention_mask: [B, L] int64, 1 for real tokens.
         ids: [B] int64 example ids (stable row ids of the split).
         vocab: `vocab_fingerprint` of the tokenizer of `input_ids` ("" when unknown: every teacher reads them).
-        views: vocab fingerprint -> (input_ids [B, L_v], attention_mask [B, L_v]) of the same rows.
+        views: vocab fingerprint -> (input_ids [B, L_v], attention_mask [B, L_v]) of the same rows, plus
+            align [B, L, L_v] float32 (`actors.alignment.align_matrix`) when hidden states are aligned.
+        align: in a view (`view`), the [B, L, L_v] averaging matrix from this view's tokens to the student's
+            (None: not aligned); the student's own `attention_mask` and `input_ids` travel as `student`.
+        student: in a view, the student-token batch it was taken from (for selecting in the student's tokens).
     """
 
     input_ids: np.ndarray
@@ -33,6 +37,8 @@ class TokenBatch:
     ids: np.ndarray
     vocab: str = ""
     views: dict | None = None
+    align: np.ndarray | None = None
+    student: "TokenBatch | None" = None
 
     @classmethod
     def of(cls, batch: dict) -> "TokenBatch":
@@ -53,8 +59,9 @@ class TokenBatch:
             raise ValueError(f"this batch is in tokenizer {self.vocab}'s tokens and has no view for tokenizer "
                              f"{vocab}: the driver tokenizes for every teacher of the plan (orchestrator.data."
                              f"with_views); a teacher that joined later with another tokenizer cannot be served")
-        ids, mask = self.views[vocab]
-        return TokenBatch(ids, mask, self.ids, vocab)
+        ids, mask, *align = self.views[vocab]
+        plain = TokenBatch(self.input_ids, self.attention_mask, self.ids, self.vocab)
+        return TokenBatch(ids, mask, self.ids, vocab, align=align[0] if align else None, student=plain)
 
     def check(self) -> "TokenBatch":
         """Validate shapes and dtypes.
@@ -70,10 +77,13 @@ class TokenBatch:
         for name in ("input_ids", "attention_mask", "ids"):
             if getattr(self, name).dtype.kind not in "iu":
                 raise ValueError(f"{name} must be an integer array, got {getattr(self, name).dtype}")
-        for fp, (ids, mask) in (self.views or {}).items():
+        for fp, (ids, mask, *align) in (self.views or {}).items():
             if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] != self.input_ids.shape[0]:
                 raise ValueError(f"view {fp}: input_ids {ids.shape} and attention_mask {mask.shape} must both be "
                                  f"[B, L_v] with B = {self.input_ids.shape[0]}")
+            if align and align[0].shape != (*self.input_ids.shape, ids.shape[1]):
+                raise ValueError(f"view {fp}: align {align[0].shape} must be [B, L, L_v] = "
+                                 f"{(*self.input_ids.shape, ids.shape[1])}")
         return self
 
     @property

@@ -36,6 +36,18 @@ def remote_teacher():
     return ray.remote(max_concurrency=16, concurrency_groups={"control": 1})(Teacher)
 
 
+class _AlignedStates:
+    """`hidden_states[l]` in the student's tokens, aligned on first use: A @ h ([B, L_s, L_t] @ [B, L_t, D])."""
+
+    def __init__(self, states, align: torch.Tensor) -> None:
+        self.states, self.align, self.done = states, align, {}
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if layer not in self.done:
+            self.done[layer] = torch.bmm(self.align, self.states[layer].float()).to(self.states[layer].dtype)
+        return self.done[layer]
+
+
 class Teacher:
     """Holds one fine-tuned teacher in inference mode and answers knowledge requests.
 
@@ -130,11 +142,13 @@ class Teacher:
             ValueError: a bad batch or request, or attentions asked of a non-eager teacher.
         """
         request.check()
-        if request.needs_tokens and self.vocab and batch.vocab and batch.vocab != self.vocab:
-            raise ValueError(f"teacher {self.index} tokenizes with another tokenizer than the batch's (the "
-                             f"student's): its hidden states and attentions are over other tokens; ask only "
-                             f"logits and cls of it")
-        batch = batch.view(self.vocab).check()
+        batch = batch.check().view(self.vocab)
+        if request.needs_tokens and batch.student is not None and (
+                batch.align is None or "attentions" in request.outputs):
+            raise ValueError(f"teacher {self.index} tokenizes with another tokenizer than the student: its hidden "
+                             f"states need the batch's alignment to the student's tokens (orchestrator.data."
+                             f"with_views(align=True)), and its attentions are not aligned; ask logits, cls and "
+                             f"hidden of it")
         start = time.perf_counter()
         want_tokens = request.needs_tokens
         want_attn = "attentions" in request.outputs or (want_tokens and request.tokens.startswith("cls-attention"))
@@ -154,8 +168,11 @@ class Teacher:
         if request.needs_layers:
             layers = selection.map_layers(request.student_layers, request.student_num_layers, self.num_layers)
             answer.layers = np.asarray(layers, dtype=np.int64)  # [k]
+        states = out.hidden_states
         if want_tokens:
             cls_scores = selection.cls_attention(out.attentions) if request.tokens.startswith("cls-") else None
+            if batch.align is not None:  # hidden states and the length selection in the student's tokens
+                states, cls_scores, ids, mask = self._student_space(batch, states, cls_scores)
             token_index, token_mask = selection.select_tokens(mask, request.num_tokens, request.tokens, cls_scores,
                                                               ids, request.sep_token_id)  # [B, K] each
             answer.token_index = token_index.cpu().numpy()
@@ -163,7 +180,7 @@ class Teacher:
         if "hidden" in request.outputs:
             hidden, widths = [], []
             for l in layers:
-                h = out.hidden_states[l]  # [B, L, D_t]
+                h = states[l]  # [B, L, D_t] (L: the student's length when aligned)
                 w = None
                 if request.width != "all":
                     kept = selection.gather(h, token_index) if request.width == "magnitude" else None  # [B, K, D_t]
@@ -185,6 +202,24 @@ class Teacher:
             self.requests, self.examples = self.requests + 1, self.examples + batch.size
             self.compute_s += answer.compute_s
         return answer
+
+    def _student_space(self, batch: TokenBatch, states, cls_scores):
+        """Hidden states and [CLS]-attention scores moved to the student's tokens by the view's alignment
+        (`actors.alignment`: each student token averages the teacher tokens its characters overlap).
+
+        Returns:
+            (hidden states: per layer [B, L_s, D_t] (only the layers the request reads are aligned; a dict
+            by layer), scores [B, L_s] or None, the student's input_ids [B, L_s], and its attention mask with
+            unmatched student tokens set to 0, so they are neither selected nor taught).
+        """
+        align = torch.tensor(batch.align, device=self.device)  # [B, L_s, L_t]
+        student = batch.student
+        matched = (align.sum(dim=2) > 0).long()  # [B, L_s]
+        mask = torch.tensor(student.attention_mask, device=self.device) * matched
+        ids = torch.tensor(student.input_ids, device=self.device)
+        aligned = _AlignedStates(states, align)
+        scores = None if cls_scores is None else torch.bmm(align, cls_scores.float()[:, :, None])[:, :, 0]
+        return aligned, scores, ids, mask
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, float]:

@@ -145,7 +145,8 @@ def run_comparison(cfg: SkdConfig, config_path: str | None, variants: list[str],
                           f"with --variant {baseline} or pick one of them")
     inputs = prepare_inputs(cfg.data, cfg.task, cfg.student.init)
     if cfg.manifest_path().is_file():  # every teacher tokenizer's view once, shared by all the plans
-        inputs = with_views(inputs, {t.vocab: t.checkpoint for t in load_teachers(cfg, inputs)})
+        inputs = with_views(inputs, {t.vocab: t.checkpoint for t in load_teachers(cfg, inputs)},
+                            align="hidden" in cfg.distill.knowledge.outputs)
     plans = {(v, s): make_plan(load_config(config_path, [*overrides, *variant_overrides(v), f"distill.seed={s}"]),
                                inputs) for v in variants for s in seeds}  # every variant validated up front
     # one pool of the whole ensemble for every variant (or the cache they read); none when all are no-kd

@@ -380,7 +380,7 @@ class Encoded:
     labels: np.ndarray
     ids: np.ndarray
     vocab: str = ""
-    views: dict[str, tuple[list[list[int]], int]] = field(default_factory=dict)
+    views: dict[str, tuple[list[list[int]], int, list | None]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -398,8 +398,25 @@ class Encoded:
         out = {"input_ids": ids, "attention_mask": mask, "labels": self.labels[rows], "ids": self.ids[rows],
                "vocab": self.vocab}
         if self.views:
-            out["views"] = {fp: pad([seqs[i] for i in rows], p) for fp, (seqs, p) in self.views.items()}
+            out["views"] = {fp: self._view(rows, ids.shape[1], *view) for fp, view in self.views.items()}
         return out
+
+
+    def _view(self, rows: np.ndarray, student_len: int, seqs: list, pad_id: int, pairs: list | None) -> tuple:
+        """One view of `rows`: (input_ids, attention_mask [B, L_v]) and, when aligned, the [B, L, L_v]
+        averaging matrix to the student's tokens (`actors.alignment.align_matrix`)."""
+        from actors.alignment import align_matrix
+
+        ids, mask = pad([seqs[i] for i in rows], pad_id)
+        if pairs is None:
+            return ids, mask
+        return ids, mask, align_matrix([pairs[i] for i in rows], student_len, ids.shape[1])
+
+    def select(self, keep: np.ndarray) -> "Encoded":
+        """The rows at positions `keep`, views and alignments included."""
+        return Encoded([self.input_ids[i] for i in keep], self.labels[keep], self.ids[keep], self.vocab,
+                       {fp: ([seqs[i] for i in keep], p, None if pairs is None else [pairs[i] for i in keep])
+                        for fp, (seqs, p, pairs) in self.views.items()})
 
 
 def encode(examples: Examples, tokenizer, max_length: int) -> Encoded:
@@ -420,6 +437,9 @@ class Inputs:
         tokenizer_init: absolute folder or hub id of the tokenizer (workers run in other directories).
         train_examples: the training rows as text, kept so teachers with other tokenizers can get their own
             view of them (`with_views`).
+        max_length: `data.max_length`.
+        alignment_counts: per aligned view (vocab fingerprint): student_tokens, teacher_tokens,
+            unmatched_student_tokens, unmatched_teacher_tokens over the training rows (`with_views(align=True)`).
     """
 
     spec: TaskSpec
@@ -430,6 +450,7 @@ class Inputs:
     tokenizer_init: str
     train_examples: Examples | None = None
     max_length: int = 128
+    alignment_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def transfer_rows(self) -> int:
@@ -447,10 +468,7 @@ class Inputs:
         examples = None if ex is None else Examples(
             [ex.text_a[i] for i in keep], None if ex.text_b is None else [ex.text_b[i] for i in keep],
             ex.labels[keep], ex.ids[keep])
-        train = Encoded([self.train.input_ids[i] for i in keep], self.train.labels[keep], self.train.ids[keep],
-                        self.train.vocab, {fp: ([seqs[i] for i in keep], pad) for fp, (seqs, pad)
-                                           in self.train.views.items()})
-        return dataclasses.replace(self, train=train, train_examples=examples)
+        return dataclasses.replace(self, train=self.train.select(keep), train_examples=examples)
 
 
 def prepare_inputs(data: DataConfig, task: str, tokenizer_init: str, transfer: bool = True) -> Inputs:
@@ -477,44 +495,69 @@ def prepare_inputs(data: DataConfig, task: str, tokenizer_init: str, transfer: b
                   data.max_length)
 
 
-def with_views(inputs: Inputs, tokenizers: dict[str, str]) -> Inputs:
+def with_views(inputs: Inputs, tokenizers: dict[str, str], align: bool = False) -> Inputs:
     """The inputs with the training rows also tokenized by each teacher tokenizer unlike the student's.
 
     The driver tokenizes once per distinct tokenizer (not once per teacher) with the same truncation and
     `max_length`; every batch then carries each view (`Encoded.batch`) and a teacher reads the one of its
     own tokenizer (`TokenBatch.view`). Soft labels and [CLS] states need nothing more: each teacher sees the
-    whole text in its own tokens.
+    whole text in its own tokens. With `align`, each view also keeps every row's token alignment to the
+    student's tokens by character offsets (`actors.alignment`), for hidden-state knowledge; the unmatched
+    tokens are counted in `alignment_counts` and printed, never dropped silently.
 
     Args:
         inputs: from `prepare_inputs`.
         tokenizers: vocab fingerprint -> tokenizer folder/name (a teacher's checkpoint), one per teacher.
+        align: also align each view to the student's tokens.
 
     Returns:
-        `inputs` itself when every tokenizer is the student's or already has its view, else a copy whose
-        `train` has the missing views.
+        `inputs` itself when every tokenizer is the student's or already has its view (aligned when asked),
+        else a copy whose `train` has the missing views.
 
     Raises:
-        TeacherError: a tokenizer that does not load, or one whose fingerprint is not what the manifest says.
+        TeacherError: a tokenizer that does not load, one whose fingerprint is not what the manifest says, or
+            (with `align`) a tokenizer without character offsets (not a fast tokenizer).
     """
     import dataclasses
 
+    from actors.alignment import align as align_row, token_spans
     from actors.errors import TeacherError
     from actors.models import load_tokenizer, vocab_fingerprint
 
-    missing = {fp: src for fp, src in tokenizers.items() if fp != inputs.vocab and fp not in inputs.train.views}
+    views, counted = dict(inputs.train.views), dict(inputs.alignment_counts)
+    missing = {fp: src for fp, src in tokenizers.items()
+               if fp != inputs.vocab and (fp not in views or (align and views[fp][2] is None))}
     if not missing:
         return inputs
-    if inputs.train_examples is None:
+    ex = inputs.train_examples
+    if ex is None:
         raise ValueError("with_views needs Inputs.train_examples (made by prepare_inputs)")
-    views = dict(inputs.train.views)
+    student_spans = token_spans(load_tokenizer(inputs.tokenizer_init), ex.text_a, ex.text_b,
+                                inputs.max_length) if align else None
     for fp, src in missing.items():
         tok = load_tokenizer(src)
         if vocab_fingerprint(tok) != fp:
             raise TeacherError(f"the tokenizer in {src} is not the one the teachers manifest records ({fp}); "
                                f"re-run `skd teachers prepare`")
-        enc = encode(inputs.train_examples, tok, inputs.max_length)
-        views[fp] = (enc.input_ids, int(tok.pad_token_id or 0))
-    return dataclasses.replace(inputs, train=dataclasses.replace(inputs.train, views=views))
+        enc = encode(ex, tok, inputs.max_length)
+        pairs = None
+        if align:
+            rows = [align_row(s, t) for s, t in zip(student_spans, token_spans(tok, ex.text_a, ex.text_b,
+                                                                               inputs.max_length))]
+            pairs = [r.pairs for r in rows]
+            counts = {"student_tokens": sum(len(s) for s in student_spans),
+                      "teacher_tokens": sum(len(x) for x in enc.input_ids),
+                      "unmatched_student_tokens": sum(r.unmatched_student for r in rows),
+                      "unmatched_teacher_tokens": sum(r.unmatched_teacher for r in rows)}
+            counted[fp] = counts
+            print(f"[skd] tokens of tokenizer {fp} ({src}) aligned to the student's by character offsets: "
+                  f"{counts['unmatched_student_tokens']} of {counts['student_tokens']} student tokens without a "
+                  f"teacher token (left out of the hidden-state loss), {counts['unmatched_teacher_tokens']} of "
+                  f"{counts['teacher_tokens']} teacher tokens without a student token (text the student "
+                  f"truncated)", flush=True)
+        views[fp] = (enc.input_ids, int(tok.pad_token_id or 0), pairs)
+    return dataclasses.replace(inputs, train=dataclasses.replace(inputs.train, views=views),
+                               alignment_counts=counted)
 
 
 class StepBatches:

@@ -167,11 +167,16 @@ def plan_knowledge(cfg: SkdConfig, inputs: Inputs, teachers: list[TeacherInfo], 
     kn = cfg.distill.knowledge
     request = KnowledgeRequest(wire_dtype=kn.wire_dtype) if soft_labels_only else knowledge_request(cfg, inputs)
     foreign = [t.name for t in teachers if t.vocab != inputs.vocab]
-    if request.needs_tokens and foreign:
+    if "attentions" in request.outputs and foreign:
         raise ConfigError(f"distill.knowledge.outputs {list(kn.outputs)}: teachers {', '.join(foreign)} tokenize "
-                          f"with another tokenizer than the student ({cfg.student.init}), so their hidden states "
-                          f"and attentions are over other tokens; ask only cls (and soft labels) of a mixed "
-                          f"ensemble, or use teachers of the student's tokenizer")
+                          f"with another tokenizer than the student ({cfg.student.init}); their attention maps are "
+                          f"over other tokens and skd does not align them (hidden states and cls it does): drop "
+                          f"attentions, or use teachers of the student's tokenizer")
+    unaligned = [t.name for t in teachers if t.vocab != inputs.vocab and "hidden" in request.outputs
+                 and (t.vocab not in inputs.train.views or inputs.train.views[t.vocab][2] is None)]
+    if unaligned:
+        raise ConfigError(f"teachers {', '.join(unaligned)}: hidden states of another tokenizer need the rows "
+                          f"aligned to the student's tokens (orchestrator.data.with_views(align=True))")
     if request.needs_layers:
         try:
             stage_at(0, total_steps, kn.schedule, request.student_layers, kn.ir_fraction)

@@ -115,9 +115,15 @@ def log_datasets(client: MlflowClient, run_id: str, cfg: SkdConfig) -> None:
 
 def data_params(plan: "RunPlan") -> dict[str, str]:
     """The training rows counted apart as MLflow params: `data.labelled_rows` and `data.transfer_rows`
-    (unlabelled, taught by the teachers alone; 0 without `data.transfer` and for no-kd)."""
+    (unlabelled, taught by the teachers alone; 0 without `data.transfer` and for no-kd), and for each teacher
+    whose hidden states were aligned to the student's tokens `align.<name>.student_tokens`, `.teacher_tokens`,
+    `.unmatched_student_tokens`, `.unmatched_teacher_tokens` (over the training rows, `actors.alignment`)."""
     transfer = plan.inputs.transfer_rows
-    return {"data.labelled_rows": str(len(plan.inputs.train) - transfer), "data.transfer_rows": str(transfer)}
+    out = {"data.labelled_rows": str(len(plan.inputs.train) - transfer), "data.transfer_rows": str(transfer)}
+    for t in plan.teachers if plan.strategy != "no-kd" else []:  # hidden states aligned across tokenizers
+        for key, value in plan.inputs.alignment_counts.get(t.vocab, {}).items():
+            out[f"align.{t.name}.{key}"] = str(value)
+    return out
 
 
 def input_example(cfg: SkdConfig) -> str | list[dict[str, str]] | None:

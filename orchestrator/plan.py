@@ -231,7 +231,8 @@ def make_plan(cfg: SkdConfig, inputs: Inputs | None = None) -> RunPlan:
     no_teachers = d.strategy == "no-kd" and not cfg.manifest_path().is_file()
     teachers = [] if no_teachers else load_teachers(cfg, inputs)  # no-kd needs none; retention is not reported
     if d.strategy != "no-kd":  # each teacher reads the rows in its own tokenizer's tokens
-        inputs = with_views(inputs, {t.vocab: t.checkpoint for t in teachers})
+        inputs = with_views(inputs, {t.vocab: t.checkpoint for t in teachers},
+                            align="hidden" in cfg.distill.knowledge.outputs)
     else:  # transfer rows teach through teachers only: a student without one trains on the labelled rows
         inputs = inputs.labelled_only()
     strategy, family, probs, active = _distribution(cfg, teachers)

@@ -200,11 +200,58 @@ def test_mixed_ensemble_distills(mixed, cached):
     assert int(params["teacher.mp2.forward_flops"]) == mixed["teachers"][1].flops_per_token
 
 
-def test_mixed_ensemble_refuses_hidden_states(mixed):
+def test_mixed_ensemble_refuses_attentions(mixed):
     from orchestrator.plan import make_plan
 
-    with pytest.raises(SkdError, match=r"teachers mp2 tokenize with another tokenizer"):
-        make_plan(mixed["cfg"]("distill.knowledge.outputs=[hidden]", "distill.knowledge.layers=1"))
+    with pytest.raises(SkdError, match=r"teachers mp2 tokenize with another tokenizer.*does not align them"):
+        make_plan(mixed["cfg"]("distill.knowledge.outputs=[attentions]", "distill.knowledge.layers=1"))
+
+
+def test_hidden_states_of_another_tokenizer_arrive_aligned(mixed):
+    """The MPNet teacher's hidden states reach the student in the student's tokens: each student token gets the
+    mean of the teacher tokens its characters overlap (actors.alignment), online and through the cache, and a
+    hidden-state run of the mixed ensemble trains; the alignment's counts go to MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from actors.alignment import align, token_spans
+    from actors.cache import KnowledgeCache
+    from orchestrator.cache_build import build_cache
+    from orchestrator.distill import run_distill
+    from orchestrator.plan import make_plan
+
+    hidden = ["distill.knowledge.outputs=[hidden]", "distill.knowledge.layers=1", "distill.knowledge.tokens=all",
+              "distill.knowledge.width=all"]
+    plan = make_plan(mixed["cfg"](*hidden))
+    inputs, mp = plan.inputs, plan.teachers[1]
+    rows = np.arange(8)
+    batch = TokenBatch.of(inputs.train.batch(rows, inputs.pad_id))
+    got = Teacher(1, mp.checkpoint, 2, device="cpu", vocab=mp.vocab).knowledge(batch, plan.knowledge.request)
+    # by hand: the teacher's own forward pass on its tokens, averaged over each student token's overlaps
+    view = batch.view(mp.vocab)
+    model = load_classifier(mp.checkpoint, 2).eval()
+    with torch.no_grad():
+        states = model(input_ids=torch.tensor(view.input_ids), attention_mask=torch.tensor(view.attention_mask),
+                       output_hidden_states=True).hidden_states[int(got.layers[0])].numpy()  # [B, L_t, D_t]
+    ex = inputs.train_examples
+    texts = [ex.text_a[i] for i in rows]
+    s_spans = token_spans(load_tokenizer(inputs.tokenizer_init), texts, None, inputs.max_length)
+    t_spans = token_spans(load_tokenizer(mp.checkpoint), texts, None, inputs.max_length)
+    for b in range(len(rows)):
+        pairs = align(s_spans[b], t_spans[b]).pairs
+        for j in range(len(s_spans[b])):
+            mine = pairs[pairs[:, 0] == j, 1]
+            assert got.token_mask[b, j] == int(len(mine) > 0)
+            if len(mine):
+                np.testing.assert_allclose(got.hidden[b, 0, j], states[b, mine].mean(axis=0), atol=1e-4)
+    assert got.hidden.shape[2] == batch.input_ids.shape[1]  # the student's length, not the teacher's
+    summary = build_cache(mixed["cfg"](*hidden, f"distill.knowledge.source=cache:{mixed['summary']['path']}-hsk"))
+    cached = KnowledgeCache.open(summary["path"]).knowledge(1, rows, batch.input_ids.shape[1], ["hidden"])
+    np.testing.assert_allclose(cached.hidden, got.hidden, atol=1e-5)
+    res = run_distill(mixed["cfg"](*hidden, "mlflow.run_name=mixed-hidden"))
+    assert res.status == "FINISHED"
+    params = MlflowClient(mixed["cfg"]().tracking_uri()).get_run(res.run_id).data.params
+    assert int(params["align.mp2.student_tokens"]) == sum(len(x) for x in inputs.train.input_ids)
+    assert int(params["align.mp2.unmatched_teacher_tokens"]) >= 0 and "align.bert4.student_tokens" not in params
 
 
 def test_transfer_rows_teach_through_the_teachers_only(mixed):
