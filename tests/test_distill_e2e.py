@@ -144,13 +144,13 @@ def test_a_run_shows_its_data_teachers_and_card_and_registers_nothing_unless_ask
     assert json.loads(run.data.tags["skd.teacher_runs"]) == teacher_runs
     assert run.data.tags["skd.teacher.t4.run_id"] == teacher_runs["t4"]
     note = run.data.tags["mlflow.note.content"]
-    assert "| t4 | 4 |" in note and "0.750" in note and teacher_runs["t2"] in note
+    assert "| t4 | bert | 4 |" in note and "0.750" in note and teacher_runs["t2"] in note
     card = (res.model_dir / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["pipeline_tag"] == "text-classification" and meta["datasets"] == ["nyu-mll/glue"]
     [result] = meta["model-index"][0]["results"]
     assert result["metrics"][0] == {"type": "accuracy", "value": pytest.approx(res.dev["accuracy"], abs=1e-4)}
-    assert res.run_id in card and "| t2 | 2 |" in card
+    assert res.run_id in card and "| t2 | bert | 2 |" in card
     [logged] = client.search_logged_models([env["exp"]], filter_string=f"source_run_id = '{res.run_id}'")
     model_files = {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
     assert "input_example.json" in model_files and "MLmodel" in model_files
