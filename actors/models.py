@@ -166,12 +166,17 @@ def load_tokenizer(name: str):
     """
     from transformers import AutoTokenizer
 
+    return _from_pretrained(AutoTokenizer, name, "a tokenizer")
+
+
+def _from_pretrained(auto_class, name: str, what: str):
+    """`auto_class.from_pretrained` of a resolved model name/folder; TeacherError naming `what` if it fails."""
     _quiet_transformers()
     source = resolve_model(name)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return auto_class.from_pretrained(source)
     except Exception as exc:
-        raise TeacherError(f"cannot load a tokenizer from {name!r} ({source}): {exc}") from None
+        raise TeacherError(f"cannot load {what} from {name!r} ({source}): {exc}") from None
 
 
 def vocab_fingerprint(tokenizer) -> str:
@@ -189,12 +194,7 @@ def load_config(name: str):
     """
     from transformers import AutoConfig
 
-    _quiet_transformers()
-    source = resolve_model(name)
-    try:
-        return AutoConfig.from_pretrained(source)
-    except Exception as exc:
-        raise TeacherError(f"cannot load a model config from {name!r} ({source}): {exc}") from None
+    return _from_pretrained(AutoConfig, name, "a model config")
 
 
 def depth_of(config) -> int:
@@ -202,13 +202,16 @@ def depth_of(config) -> int:
     return int(getattr(config, DEPTH_KEYS.get(config.model_type, "num_hidden_layers")))
 
 
-def check_cut(name: str, num_layers: int | None, field: str) -> None:
+def check_cut(name: str, num_layers: int | None, field: str):
     """Refuse a depth cut that `load_classifier` cannot make, before any Ray resource is taken.
 
     Args:
         name: the model (`minilm`, `mpnet-base`, a folder or hub id).
         num_layers: the cut (None: the whole model, always fine).
         field: the setting to name in the error, e.g. "teachers.members[mpnet-l6].num_layers".
+
+    Returns:
+        The model's config when a cut was checked, else None.
 
     Raises:
         TeacherError: a family without depth cuts (not in `DEPTH_KEYS`), or a cut deeper than the model.
@@ -222,6 +225,7 @@ def check_cut(name: str, num_layers: int | None, field: str) -> None:
     depth = depth_of(config)
     if num_layers > depth:
         raise TeacherError(f"{field} = {num_layers}, but {name!r} has only {depth} layers: use at most {depth}")
+    return config
 
 
 def load_classifier(name: str, num_labels: int, num_layers: int | None = None, regression: bool = False,
@@ -246,8 +250,7 @@ def load_classifier(name: str, num_labels: int, num_layers: int | None = None, r
     source = resolve_model(name)
     kwargs = {"num_labels": num_labels}
     if num_layers is not None:
-        check_cut(name, num_layers, "num_layers")
-        kwargs[DEPTH_KEYS[load_config(name).model_type]] = num_layers
+        kwargs[DEPTH_KEYS[check_cut(name, num_layers, "num_layers").model_type]] = num_layers
     if regression:
         kwargs["problem_type"] = "regression"
     if attn_implementation is None and eager_attention:
