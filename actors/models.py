@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 from actors.errors import TeacherError
 
@@ -158,23 +159,34 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_tokenizer(name: str):
+MODEL_INPUTS = ("input_ids", "attention_mask")
+"""What skd feeds every model, in training and at inference: never token type ids (families differ on them)."""
+
+
+def load_tokenizer(name: str, for_saving: bool = False):
     """`AutoTokenizer` for a model name/folder.
+
+    Args:
+        name: `minilm`, a folder or a hub id.
+        for_saving: the tokenizer saved beside a model skd trained: it emits `MODEL_INPUTS` only (saved as
+            `model_input_names`), so `transformers.pipeline` and other users feed the model what it was
+            trained on (a BERT tokenizer would add token type ids of 1 to the second sentence of a pair).
 
     Raises:
         TeacherError: the folder or hub id has no loadable tokenizer.
     """
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, name, "a tokenizer")
+    kwargs = {"model_input_names": list(MODEL_INPUTS)} if for_saving else {}
+    return _from_pretrained(AutoTokenizer, name, "a tokenizer", **kwargs)
 
 
-def _from_pretrained(auto_class, name: str, what: str):
+def _from_pretrained(auto_class, name: str, what: str, **kwargs):
     """`auto_class.from_pretrained` of a resolved model name/folder; TeacherError naming `what` if it fails."""
     _quiet_transformers()
     source = resolve_model(name)
     try:
-        return auto_class.from_pretrained(source)
+        return auto_class.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise TeacherError(f"cannot load {what} from {name!r} ({source}): {exc}") from None
 
@@ -229,7 +241,8 @@ def check_cut(name: str, num_layers: int | None, field: str):
 
 
 def load_classifier(name: str, num_labels: int, num_layers: int | None = None, regression: bool = False,
-                    eager_attention: bool = False, attn_implementation: str | None = None):
+                    eager_attention: bool = False, attn_implementation: str | None = None,
+                    label_names: Sequence[str] | None = None):
     """`AutoModelForSequenceClassification` from a name/folder, keeping the bottom `num_layers` layers.
 
     Args:
@@ -240,9 +253,12 @@ def load_classifier(name: str, num_labels: int, num_layers: int | None = None, r
         eager_attention: load with eager attention (same as attn_implementation="eager").
         attn_implementation: "eager", "sdpa", ...; None keeps transformers' default (sdpa where
             available). `output_attentions` needs "eager": other implementations return no attentions.
+        label_names: C class names in class order, written as the config's `id2label` / `label2id` (what
+            `transformers.pipeline` prints); None keeps the checkpoint's (LABEL_0, ... for a fresh head).
 
     Raises:
-        TeacherError: the checkpoint cannot be loaded, or the cut is not possible (`check_cut`).
+        TeacherError: the checkpoint cannot be loaded, the cut is not possible (`check_cut`), or
+            `label_names` does not have C distinct names.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -253,6 +269,11 @@ def load_classifier(name: str, num_labels: int, num_layers: int | None = None, r
         kwargs[DEPTH_KEYS[check_cut(name, num_layers, "num_layers").model_type]] = num_layers
     if regression:
         kwargs["problem_type"] = "regression"
+    if label_names is not None:
+        if len(set(label_names)) != num_labels or len(label_names) != num_labels:
+            raise TeacherError(f"label names {list(label_names)} must be {num_labels} distinct names, one per class")
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     if attn_implementation is None and eager_attention:
         attn_implementation = "eager"
     if attn_implementation is not None:

@@ -7,7 +7,9 @@ MLflow store, so any method can be the baseline after the runs.
         --baseline skd-uniform
 
 Methods are the run-name prefixes of `<out>/students/<prefix>-s<seed>` (default: every one saved for the
-first seed, in the evidence's order). Prints one JSON line per method, then a markdown table.
+first seed, in the evidence's order). `--out` may be repeated: comparisons run side by side into several
+output folders (each with its own `mlflow.db`, since two processes writing one SQLite store can lock it) are
+read as one. Prints one JSON line per method, then a markdown table.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from orchestrator.data import prepare_inputs  # noqa: E402
 from orchestrator.metrics import glue_metrics  # noqa: E402
 from orchestrator.trainer import predict  # noqa: E402
 
-ORDER = ["no-kd", "single-", "average", "skd-uniform", "skd-teacher-rank", "skd-student-rank", "skd-adaptive"]
+ORDER = ["no-kd", "single-", "average", "skd-uniform", "skd-teacher-rank", "skd-student-rank",
+         "skd-capacity-gaussian", "skd-adaptive"]
 
 
 def found_methods(students: Path, seed: int) -> list[str]:
@@ -46,34 +49,42 @@ def found_methods(students: Path, seed: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", required=True)
-    parser.add_argument("--out", type=Path, required=True, help="The compare's output_dir (students/, mlflow.db).")
+    parser.add_argument("--out", type=Path, action="append", required=True,
+                        help="The compare's output_dir (students/, mlflow.db); repeat it for comparisons run "
+                             "side by side into several folders (the first one's teachers manifest is used).")
     parser.add_argument("--method", action="append", help="Run-name prefixes (default: every one saved).")
     parser.add_argument("--baseline", action="append", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--resamples", type=int, default=1000)
     args = parser.parse_args()
-    out = args.out.resolve()
-    cfg = load_config(args.config, [f"output_dir={out}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"])
+    outs = [o.resolve() for o in args.out]
+    cfg = load_config(args.config, [f"output_dir={outs[0]}"])
     inputs = prepare_inputs(cfg.data, cfg.task, cfg.student.init)
     spec, labels = inputs.spec, inputs.dev.labels
-    methods = args.method or found_methods(out / "students", args.seeds[0])
-    best = max(t.dev_metric for t in read_manifest(out / "teachers" / "manifest.json"))
+    methods = args.method or list(dict.fromkeys(m for o in outs for m in found_methods(o / "students", args.seeds[0])))
+    best = max(t.dev_metric for t in read_manifest(outs[0] / "teachers" / "manifest.json"))
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(cfg.tracking_uri())
-    exp = client.get_experiment_by_name(cfg.experiment_name()).experiment_id
+    def home(m: str) -> Path:
+        """The first output folder holding method `m`'s students."""
+        return next((o for o in outs if (o / "students" / f"{m}-s{args.seeds[0]}").is_dir()), outs[0])
+
+    def finished_runs(m: str, s: int) -> list:
+        client = MlflowClient(f"sqlite:///{home(m)}/mlflow.db")
+        exp = client.get_experiment_by_name(cfg.experiment_name())
+        return [] if exp is None else client.search_runs(
+            [exp.experiment_id], f"attributes.run_name = '{m}-s{s}' and attributes.status = 'FINISHED'")
 
     def metric(p: np.ndarray, y: np.ndarray) -> float:
         return glue_metrics(spec, p, y)[spec.metric]
 
     preds, wall = {}, {}
     for m in methods:
-        preds[m] = [predict(load_classifier(str(out / "students" / f"{m}-s{s}"), spec.num_labels,
+        preds[m] = [predict(load_classifier(str(home(m) / "students" / f"{m}-s{s}"), spec.num_labels,
                                             regression=spec.is_regression), inputs.dev, inputs.pad_id, 256)
                     for s in args.seeds]
-        runs = [client.search_runs([exp], f"attributes.run_name = '{m}-s{s}' and attributes.status = 'FINISHED'")
-                for s in args.seeds]
+        runs = [finished_runs(m, s) for s in args.seeds]
         wall[m] = [r[0].data.metrics.get("wall_s", float("nan")) for r in runs if r]
     rows = []
     for m in methods:

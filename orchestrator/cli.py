@@ -210,6 +210,11 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
     for k, v in result.dev.items():
         table.add_row(f"dev {k}", f"{v:.4f}")
     table.add_row("retention (student / best teacher)", "-" if result.retention is None else f"{result.retention:.4f}")
+    if result.headline:
+        h = result.headline
+        table.add_row("parameters / best teacher's", f"{h['headline/parameter_ratio']:.3f}")
+        table.add_row("speed-up over the best teacher", f"{h['headline/speedup']:.2f}x (PyTorch fp32, batch 32, "
+                      f"{h['headline/student_samples_per_s']:.1f} vs {h['headline/teacher_samples_per_s']:.1f} samples/s)")
     table.add_row("steps", str(result.steps))
     table.add_row("wall time", f"{result.wall_s:.1f} s")
     table.add_row("throughput", f"{result.samples_per_s:.1f} samples/s")
@@ -290,7 +295,8 @@ def compare(config: ConfigOpt, set_: SetOpt = None,
     base = baseline or summaries[0].variant
     table = Table(title=f"skd compare: {cfg.task}, seeds {list(seed)} (mean ± sample std; Δ = paired difference "
                         f"from {base}, 95% bootstrap interval over seeds and dev rows)")
-    for col in ("variant", f"dev {metric}", f"Δ {metric} [95% CI]", "real?", "retention", "wall s", "samples/s"):
+    for col in ("variant", f"dev {metric}", f"Δ {metric} [95% CI]", "real?", "retention", "params x", "speed-up",
+                "wall s", "samples/s"):
         table.add_column(col)
     for v in summaries:
         fmt = lambda ms, scale=1.0, d=2: f"{ms[0] * scale:.{d}f} ± {ms[1] * scale:.{d}f}"  # noqa: E731
@@ -298,8 +304,10 @@ def compare(config: ConfigOpt, set_: SetOpt = None,
         delta = "baseline" if v.variant == base else "-" if p is None else (
             f"{100 * p.delta:+.2f} [{100 * p.low:+.2f}, {100 * p.high:+.2f}]")
         real = "" if p is None else ("yes" if p.real else "no")
-        table.add_row(v.variant, fmt(v.dev, 100), delta, real, fmt(v.retention, 100), fmt(v.wall_s, d=1),
-                      fmt(v.samples_per_s, d=1))
+        ratio, speedup = v.headline("headline/parameter_ratio"), v.headline("headline/speedup")
+        table.add_row(v.variant, fmt(v.dev, 100), delta, real, fmt(v.retention, 100),
+                      "-" if ratio is None else f"{ratio:.3f}", "-" if speedup is None else f"{speedup:.2f}x",
+                      fmt(v.wall_s, d=1), fmt(v.samples_per_s, d=1))
     console.print(table)
     for v in summaries:
         console.print(f"{v.variant}: " + ", ".join(f"seed run {r.run_id[:8]} {metric}={r.dev[metric]:.4f}"
@@ -334,3 +342,118 @@ def evaluate(model_dir: Annotated[Path, typer.Argument(help="A save_pretrained f
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")
     console.print(table)
+
+
+def _task_data(task: Optional[str], config: Optional[Path], max_length: int):
+    """(task, DataConfig, SkdConfig or None) from `--task` and/or `-c`: the config's data settings and task,
+    `--task` overriding its task.
+
+    Raises:
+        SkdError: neither is given.
+    """
+    if config is None and task is None:
+        raise SkdError("name the task: --task sst2 (or -c CONFIG, whose task and data settings are used)")
+    cfg = load_config(config) if config else None
+    data = cfg.data if cfg else DataConfig(max_length=max_length)
+    return (task or cfg.task).lower().replace("-", ""), data, cfg
+
+
+TaskOpt = Annotated[Optional[str], typer.Option(help="GLUE task name (default: the config's task).")]
+ModelCfgOpt = Annotated[Optional[Path], typer.Option(
+    "-c", "--config", help="Take the task, data settings and MLflow store from this config.")]
+
+
+@app.command("export")
+def export(model_dir: Annotated[Path, typer.Argument(help="A save_pretrained folder (a student or teacher).")],
+           task: TaskOpt = None, config: ModelCfgOpt = None,
+           onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Write the fp32 ONNX file.")] = True,
+           int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Also write an int8 ONNX file.")] = False,
+           tolerance: Annotated[float, typer.Option(
+               min=0, help="Refuse an export whose primary dev metric is more than this below PyTorch's "
+                           "(absolute: 0.01 = 1 accuracy point).")] = 0.01,
+           atol: Annotated[float, typer.Option(
+               min=0, help="Refuse an fp32 export whose logits differ from PyTorch's by more than this.")] = 1e-3,
+           run_id: Annotated[Optional[str], typer.Option(
+               help="MLflow run to log the export into (default: the run that wrote MODEL_DIR, with -c).")] = None,
+           threads: int = 1, max_length: int = 128):
+    """Export a saved model to ONNX (and int8) in MODEL_DIR/onnx/, verified on the task's dev set: largest
+    logit difference and dev metric against PyTorch; a failed check writes nothing. With -c, the files and
+    their metrics also go into the MLflow run that wrote the model."""
+    from actors.models import load_tokenizer
+    from orchestrator.data import encode, load_split, task_spec
+    from orchestrator.export import export_model, log_export, run_of
+
+    try:
+        if not onnx:
+            raise SkdError("--no-onnx leaves nothing to export: ONNX is the only format (add --int8 for int8)")
+        name, data, cfg = _task_data(task, config, max_length)
+        spec = task_spec(name, data)
+        tok = load_tokenizer(str(model_dir)) if (model_dir / "config.json").is_file() else None
+        if tok is None:
+            raise SkdError(f"MODEL_DIR {model_dir} is not a save_pretrained folder (no config.json)")
+        dev = encode(load_split(spec.name, data, "dev"), tok, data.max_length)
+        report = export_model(model_dir, spec, dev, int(tok.pad_token_id or 0), int8=int8, tolerance=tolerance,
+                              atol=atol, threads=threads)
+    except SkdError as exc:
+        fail(exc)
+    table = Table(title=f"{model_dir} exported to {report.folder} (verified on {spec.name} dev, {len(dev.labels)} rows)")
+    for col in ("backend", "file", "MB", "max |Δ logit|", f"dev {spec.metric}", "Δ vs PyTorch"):
+        table.add_column(col)
+    table.add_row("torch-fp32", "-", "-", "-", f"{report.torch_metrics[spec.metric]:.4f}", "-")
+    for c in report.checks:
+        table.add_row(c.backend, c.file, f"{c.bytes / 1e6:.1f}", f"{c.max_abs_diff:.2e}", f"{c.metrics[spec.metric]:.4f}",
+                      f"{c.delta:+.4f}")
+    console.print(table)
+    run = run_id or run_of(model_dir)
+    if cfg is not None and run:
+        try:
+            log_export(cfg.tracking_uri(), run, report)
+            console.print(f"[skd] logged the export into MLflow run {run} (artifacts onnx/, metrics export/*)")
+        except Exception as exc:  # the files are written and verified; the store is a copy of them
+            console.print(f"[skd] warning: could not log the export into MLflow run {run}: {exc}", highlight=False)
+    elif run:
+        console.print(f"[skd] not logged to MLflow run {run}: pass -c CONFIG to name its store")
+
+
+@app.command()
+def benchmark(model_dirs: Annotated[list[Path], typer.Argument(help="save_pretrained folders: students, teachers.")],
+              task: TaskOpt = None, config: ModelCfgOpt = None,
+              backend: Annotated[Optional[list[str]], typer.Option(
+                  help="torch-fp32, onnx-fp32, onnx-int8 (repeatable; default: all three).")] = None,
+              threads: Annotated[int, typer.Option(min=1, help="Threads for every backend.")] = 1,
+              latency_rows: Annotated[int, typer.Option(min=1, help="Dev rows timed one by one (batch 1).")] = 64,
+              batch_rows: Annotated[int, typer.Option(min=1, help="Dev rows timed in batches of 32.")] = 256,
+              max_seconds: Annotated[float, typer.Option(min=0, help="Stop adding rounds after this long.")] = 300.0,
+              rel_ci: Annotated[float, typer.Option(
+                  min=0, help="Target half-width of the 95% intervals, as a fraction of the mean.")] = 0.05,
+              json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the rows as JSON lines.")] = None,
+              max_length: int = 128):
+    """Inference speed of saved models side by side: parameters, MB, batch-1 latency p50/p95 and batch-32
+    samples/s, for PyTorch fp32, ONNX Runtime fp32 and int8, on the task's real dev sentences."""
+    import json
+    from dataclasses import asdict
+
+    from orchestrator.speed import BACKENDS, benchmark as run_benchmark
+
+    try:
+        name, data, _ = _task_data(task, config, max_length)
+        console.print(f"[skd] benchmark: {len(model_dirs)} model(s) x {len(backend or BACKENDS)} backend(s), "
+                      f"{threads} thread(s), interleaved rounds until the 95% intervals are within "
+                      f"{rel_ci:.0%} (at most {max_seconds:.0f} s)", highlight=False)
+        rows = run_benchmark(model_dirs, name, data, backends=tuple(backend or BACKENDS), threads=threads,
+                             latency_rows=latency_rows, batch_rows=batch_rows, max_seconds=max_seconds, rel_ci=rel_ci,
+                             progress=lambda r, s: console.print(f"[skd] round {r} ({s:.0f} s)", highlight=False))
+    except SkdError as exc:
+        fail(exc)
+    table = Table(title=f"inference speed on {name} dev ({threads} thread(s))")
+    for col in ("model", "backend", "parameters", "MB", "p50 ms [95% CI]", "p95 ms", "samples/s @32 [95% CI]",
+                "rounds"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.model, r.backend, f"{r.parameters / 1e6:.1f}M", f"{r.bytes / 1e6:.1f}",
+                      f"{r.p50_ms:.2f} [{r.p50_ci[0]:.2f}, {r.p50_ci[1]:.2f}]", f"{r.p95_ms:.2f}",
+                      f"{r.samples_per_s:.1f} [{r.sps_ci[0]:.1f}, {r.sps_ci[1]:.1f}]",
+                      f"{r.rounds}{'' if r.tight else ' (not tight)'}")
+    console.print(table)
+    if json_out is not None:
+        json_out.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows))

@@ -129,6 +129,11 @@ class VariantSummary:
     def samples_per_s(self) -> tuple[float, float]:
         return self.stat([r.samples_per_s for r in self.runs])
 
+    def headline(self, key: str) -> float | None:
+        """The mean over seeds of one headline metric (`orchestrator.speed.headline`), None if unmeasured."""
+        values = [r.headline[key] for r in self.runs if key in r.headline]
+        return float(np.mean(values)) if values else None
+
 
 def run_comparison(cfg: SkdConfig, config_path: str | None, variants: list[str], seeds: list[int],
                    overrides: list[str], baseline: str | None = None, resamples: int = 1000) -> list[VariantSummary]:

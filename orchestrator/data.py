@@ -28,7 +28,9 @@ class TaskSpec:
     """A task's columns, labels and metric.
 
     `columns` are (text_a, text_b or None, label) as header names, or 0-based indices for header-less
-    files (CoLA). `labels` lists the raw label strings in class order; None means regression.
+    files (CoLA). `labels` lists the raw label strings in class order; None means regression. `names` are
+    the labels people read, in the same order (GLUE's class names, as the `glue` dataset on the hub names
+    them); None: the raw labels. They become the saved model's `id2label` / `label2id`.
     """
 
     name: str
@@ -40,10 +42,16 @@ class TaskSpec:
     dev_file: str = "dev.tsv"
     hub_columns: tuple[str, str | None] = ("sentence", None)
     hub_dev_split: str = "validation"
+    names: tuple[str, ...] | None = None
 
     @property
     def is_regression(self) -> bool:
         return self.labels is None
+
+    @property
+    def label_names(self) -> tuple[str, ...] | None:
+        """Class names in class order (`names`, else the raw `labels`); None for regression."""
+        return self.names or self.labels
 
     @property
     def num_labels(self) -> int:
@@ -53,14 +61,15 @@ class TaskSpec:
 GLUE_TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in [
-        TaskSpec("cola", "CoLA", (3, None, 1), ("0", "1"), "mcc", has_header=False),
-        TaskSpec("sst2", "SST-2", ("sentence", None, "label"), ("0", "1"), "accuracy"),
+        TaskSpec("cola", "CoLA", (3, None, 1), ("0", "1"), "mcc", has_header=False,
+                 names=("unacceptable", "acceptable")),
+        TaskSpec("sst2", "SST-2", ("sentence", None, "label"), ("0", "1"), "accuracy", names=("negative", "positive")),
         TaskSpec("mrpc", "MRPC", ("#1 String", "#2 String", "Quality"), ("0", "1"), "f1",
-                 hub_columns=("sentence1", "sentence2")),
+                 hub_columns=("sentence1", "sentence2"), names=("not_equivalent", "equivalent")),
         TaskSpec("stsb", "STS-B", ("sentence1", "sentence2", "score"), None, "pearson",
                  hub_columns=("sentence1", "sentence2")),
         TaskSpec("qqp", "QQP", ("question1", "question2", "is_duplicate"), ("0", "1"), "f1",
-                 hub_columns=("question1", "question2")),
+                 hub_columns=("question1", "question2"), names=("not_duplicate", "duplicate")),
         TaskSpec("mnli", "MNLI", ("sentence1", "sentence2", "gold_label"),
                  ("entailment", "neutral", "contradiction"), "accuracy", dev_file="dev_matched.tsv",
                  hub_columns=("premise", "hypothesis"), hub_dev_split="validation_matched"),
@@ -69,7 +78,7 @@ GLUE_TASKS: dict[str, TaskSpec] = {
         TaskSpec("rte", "RTE", ("sentence1", "sentence2", "label"), ("entailment", "not_entailment"),
                  "accuracy", hub_columns=("sentence1", "sentence2")),
         TaskSpec("wnli", "WNLI", ("sentence1", "sentence2", "label"), ("0", "1"), "accuracy",
-                 hub_columns=("sentence1", "sentence2")),
+                 hub_columns=("sentence1", "sentence2"), names=("not_entailment", "entailment")),
     ]
 }
 

@@ -78,6 +78,21 @@ def tied_scores_warning(scores: list[float], metric: str, steps: int) -> str | N
             f"tell the teachers apart")
 
 
+def _headline(plan: RunPlan):
+    """The saved student's headline against the best teacher (`orchestrator.speed.headline`), or None for
+    an ensemble without teachers."""
+    if not plan.teachers:
+        return None
+    best = max(plan.teachers, key=lambda t: t.dev_metric)
+
+    def measure(result) -> dict[str, float]:
+        from orchestrator.speed import headline
+
+        return headline(result.model_dir, Path(best.checkpoint), best.parameters, result.retention, plan.cfg.task,
+                        plan.cfg.data, plan.inputs.spec.num_labels)
+    return measure
+
+
 def _figures(plan: RunPlan):
     """The run's plots: sampling distribution vs observed teacher shares, p over the steps (adaptive), and
     learning curves."""
@@ -153,4 +168,5 @@ def run_distill(cfg: SkdConfig, *, resume: bool = False, resume_from: str | None
                                 model_out=plan.student_dir, use_gpu=resources.use_gpu,
                                 figures=_figures(plan), report_to_tune=report_to_tune,
                                 register_as=register_as, continue_run=continue_run, timings=timings,
-                                card=lambda result: lineage.model_card(plan, result))
+                                card=lambda result: lineage.model_card(plan, result),
+                                headline=None if report_to_tune else _headline(plan))  # not per Tune trial

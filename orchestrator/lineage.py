@@ -204,6 +204,26 @@ def description(plan: "RunPlan") -> str:
             f"{method}.\n\n{teachers_table(plan)}\n")
 
 
+def headline_text(h: dict[str, float]) -> str:
+    """SKDBERT's triple in one line, from `orchestrator.speed.headline`'s metrics ("" when not measured)."""
+    if "headline/speedup" not in h:
+        return ""
+    kept = f"retention {h['headline/retention']:.1%}, " if "headline/retention" in h else ""
+    return (f"{kept}{h['headline/parameter_ratio']:.2f}x the parameters, {h['headline/speedup']:.2f}x the speed "
+            f"({h['headline/student_samples_per_s']:.1f} against {h['headline/teacher_samples_per_s']:.1f} samples/s)")
+
+
+def headline_lines(plan: "RunPlan", result: Any) -> list[str]:
+    """The model card's size-and-speed section (empty when the run measured no headline)."""
+    text = headline_text(getattr(result, "headline", None) or {})
+    if not text or not plan.teachers:
+        return []
+    best = max(plan.teachers, key=lambda t: t.dev_metric)
+    return ["## Size and speed", "", f"Against the best teacher, {best.name}: {text}. Speed: PyTorch fp32, batches "
+            f"of 32 dev sentences, one thread, student and teacher measured side by side at the end of the run "
+            f"(`skd benchmark` measures more backends).", ""]
+
+
 def model_card(plan: "RunPlan", result: Any) -> str:
     """A Hugging Face model card (README.md: YAML metadata and markdown) for a distilled student: task and
     dev metric (`model-index`), teachers, sampling distribution, data, training settings and the MLflow run.
@@ -242,6 +262,7 @@ def model_card(plan: "RunPlan", result: Any) -> str:
         f"{len(plan.teachers) if plan.strategy != 'no-kd' else 0} fine-tuned teachers with {method}. "
         f"Dev {spec.metric}: **{score:.4f}**{retention}.",
         "",
+        *headline_lines(plan, result),
         "## Teachers", "", teachers_table(plan, probs), "",
         "## Data", "",
         f"- task: {cfg.task} ({spec.metric}); source: {data.source}; max length {data.max_length} tokens",
@@ -257,9 +278,9 @@ def model_card(plan: "RunPlan", result: Any) -> str:
         "",
         "## Use", "",
         "```python",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-        "model = AutoModelForSequenceClassification.from_pretrained(\"<this folder>\")",
-        "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")",
+        "from transformers import pipeline",
+        "classify = pipeline(\"text-classification\", model=\"<this folder>\")",
+        f"classify(\"...\")  # [{{'label': ..., 'score': ...}}], labels: {', '.join(spec.label_names or ('score',))}",
         "```",
         "",
     ]

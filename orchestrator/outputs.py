@@ -10,6 +10,8 @@ from actors.errors import SkdError
 
 OWNED_MARK = ".skd-output"
 """File skd writes into every output folder it creates; only folders with it are ever replaced."""
+RUN_FILE = "skd-run.json"
+"""Written beside every model skd saves: {"run_id": the MLflow run that trained it} (`skd export` logs into it)."""
 
 
 def check_output(folder: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import shutil
 import tempfile
 import time
@@ -27,7 +28,7 @@ from orchestrator import console, lineage, tracking
 from orchestrator.config import SkdConfig
 from orchestrator.control import run_interruptible, start_control
 from orchestrator.adaptive import AdaptiveSettings
-from orchestrator.outputs import check_output, save_model
+from orchestrator.outputs import RUN_FILE, check_output, save_model
 from orchestrator.plan import RunPlan
 from orchestrator.sampling import Reweigh
 from orchestrator.spec import KnowledgeSpec, Optimisation, RunSettings, TrainTask, WorkerSpec
@@ -50,6 +51,8 @@ class RunResult:
             `ray.keep_finished_checkpoints`).
         interrupted: stopped by SIGINT/SIGTERM on the driver (status KILLED, resumable).
         probs: the adaptive family's learnt p in force at the end, by teacher name ({} for fixed families).
+        headline: the saved student against the best teacher (`orchestrator.speed.headline`: retention,
+            parameter ratio, speed-up); {} when not measured.
         timings: where the time went, seconds ({"time/fit_s": Ray Train's fit, controller and worker start
             included; "time/outputs_s": saving and logging the student and plots, removing
             a finished run's Ray Train folder; rank 0's "time/setup_s",
@@ -71,6 +74,7 @@ class RunResult:
     interrupted: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     probs: dict[str, float] = field(default_factory=dict)
+    headline: dict[str, float] = field(default_factory=dict)
 
 
 def _warn_on_failure(client, run_id: str, what: str, action: Callable[[], Any]) -> None:
@@ -184,15 +188,22 @@ def _trainer(cfg: SkdConfig, spec: WorkerSpec, ray_name: str, use_gpu: bool, rep
 
 def _outputs(client, uri: str, out: RunResult, result, model_out: Path,
              figures: Callable[..., list[Path]] | None, register_as: str | None,
-             card: Callable[[RunResult], str] | None, example: Callable[[], str | dict[str, str] | None]) -> None:
-    """After training: a finished run's student copied to `model_out` (with its model card), logged
-    (registered as `register_as` when given), and the plots; a failure to log any is a warning
-    (`_warn_on_failure`)."""
+             card: Callable[[RunResult], str] | None, example: Callable[[], str | dict[str, str] | None],
+             headline: Callable[[RunResult], dict[str, float]] | None = None) -> None:
+    """After training: a finished run's student copied to `model_out`, its headline measured (`out.headline`,
+    logged as metrics), its model card, the model logged (registered as `register_as` when given), and the
+    plots; a failure of any is a warning (`_warn_on_failure`)."""
     run_id = out.run_id
     if out.status == "FINISHED" and result.checkpoint is not None:
         with result.checkpoint.as_directory() as ckpt:
             save_model(Path(ckpt) / "model", model_out)
+        (model_out / RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n")
         out.model_dir = model_out
+        if headline is not None:
+            def measure() -> None:
+                out.headline = headline(out)
+                tracking.log_metrics(client, run_id, out.headline, out.steps)
+            _warn_on_failure(client, run_id, "headline (size and speed against the best teacher)", measure)
         if card is not None:
             _warn_on_failure(client, run_id, "model card", lambda: (model_out / "README.md").write_text(card(out)))
         _warn_on_failure(client, run_id, "wall time", lambda: client.log_metric(run_id, "wall_s", out.wall_s))
@@ -229,8 +240,8 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
                  model_out: Path, use_gpu: bool, resume: bool = False,
                  figures: Callable[..., list[Path]] | None = None, register_as: str | None = None,
                  report_to_tune: bool = False, continue_run: str | None = None,
-                 timings: dict[str, float] | None = None, card: Callable[[RunResult], str] | None = None
-                 ) -> RunResult:
+                 timings: dict[str, float] | None = None, card: Callable[[RunResult], str] | None = None,
+                 headline: Callable[[RunResult], dict[str, float]] | None = None) -> RunResult:
     """Run one Ray Train job inside one MLflow run.
 
     Args:
@@ -246,6 +257,8 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         register_as: register the final model in the MLflow Model Registry under this name (None: log the
             model to the run only).
         card: optional callable(result) -> the Hugging Face model card (README.md) written beside the weights.
+        headline: optional callable(result) -> the saved student's headline metrics (size and speed against
+            the best teacher, `orchestrator.speed.headline`), measured before the card is written.
         report_to_tune: forward every `ray.train.report` to the enclosing Ray Tune trial.
         continue_run: log into this existing MLflow run (a PBT trial's next segment) with a fresh Ray Train
             run, starting from `spec.run.resume_from`; params and tags are not logged again.
@@ -289,7 +302,8 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
                                     f"{run_id}, marked FAILED); once the teachers can run again, continue it with "
                                     f"--resume")
         began = time.perf_counter()
-        _outputs(client, uri, out, result, model_out, figures, register_as, card, lambda: lineage.input_example(cfg))
+        _outputs(client, uri, out, result, model_out, figures, register_as, card, lambda: lineage.input_example(cfg),
+                 headline)
         if not cfg.ray.keep_finished_checkpoints:
             _drop_checkpoints(cfg, ray_name, out)
         out.timings.update({**(timings or {}), "time/outputs_s": time.perf_counter() - began})

@@ -78,9 +78,10 @@ class StudentTrainer:
         request = kn.plan.request if kn is not None else None
         outputs = set(request.outputs) if request is not None else set()
         torch.manual_seed(spec.optim.seed)
-        self.tokenizer = load_tokenizer(task.tokenizer_init)
+        self.tokenizer = load_tokenizer(task.tokenizer_init, for_saving=True)  # saved with each checkpoint
         self.model = load_classifier(task.model_init, task.spec.num_labels, task.num_layers, task.spec.is_regression,
-                                     attn_implementation="eager" if "attentions" in outputs else None)
+                                     attn_implementation="eager" if "attentions" in outputs else None,
+                                     label_names=task.spec.label_names)
         self.projection = None
         self.teacher_widths = list(kn.plan.teacher_widths) if kn is not None else []  # [N] D_t; grows with joins
         if outputs & {"hidden", "cls"}:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from actors.errors import TeacherError
 from actors.manifest import read_manifest
 from orchestrator.config_load import load_config
 from orchestrator.distill import run_distill, student_rank_scores
@@ -151,6 +152,19 @@ def test_a_run_shows_its_data_teachers_and_card_and_registers_nothing_unless_ask
     [result] = meta["model-index"][0]["results"]
     assert result["metrics"][0] == {"type": "accuracy", "value": pytest.approx(res.dev["accuracy"], abs=1e-4)}
     assert res.run_id in card and "| t2 | bert | 2 |" in card
+    # SKDBERT's triple: retention, parameters and speed against the best teacher, measured on the saved student
+    from actors.models import count_parameters, load_classifier
+
+    h, best = res.headline, max(env["teachers"], key=lambda t: t.dev_metric)
+    assert h["headline/retention"] == pytest.approx(res.retention)
+    assert h["headline/parameter_ratio"] == pytest.approx(
+        count_parameters(load_classifier(str(res.model_dir), 2)) / best.parameters)
+    assert h["headline/parameter_ratio"] < 1 and h["headline/teacher_samples_per_s"] > 0
+    assert h["headline/speedup"] == pytest.approx(h["headline/student_samples_per_s"] / h["headline/teacher_samples_per_s"])
+    assert {k: pytest.approx(v) for k, v in h.items()} == {k: v for k, v in run.data.metrics.items()
+                                                            if k.startswith("headline/")}
+    assert f"Against the best teacher, {best.name}: {lineage.headline_text(h)}" in card
+    assert json.loads((res.model_dir / "skd-run.json").read_text()) == {"run_id": res.run_id}
     [logged] = client.search_logged_models([env["exp"]], filter_string=f"source_run_id = '{res.run_id}'")
     model_files = {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
     assert "input_example.json" in model_files and "MLmodel" in model_files
@@ -177,6 +191,52 @@ def test_a_run_shows_its_data_teachers_and_card_and_registers_nothing_unless_ask
     busy = history(client, res.run_id, "teachers/t4/busy_percent")
     cpu = history(client, res.run_id, "teachers/t4/cpu_percent")
     assert busy and cpu and all(0 <= v <= 100.5 for _, v in busy) and all(v >= 0 for _, v in cpu)
+
+
+def test_the_student_folder_serves_the_tasks_label_names(env, weights_run, tiny_model, tmp_path):
+    """A student (and each teacher) folder names its classes: `pipeline` prints SST-2's names, not LABEL_0;
+    a sentence-pair task's model answers pairs with its own names."""
+    from transformers import pipeline
+
+    from actors.models import load_classifier, load_tokenizer
+    from orchestrator.data import GLUE_TASKS
+
+    clf = pipeline("text-classification", model=str(weights_run.model_dir))
+    assert clf.model.config.id2label == {0: "negative", 1: "positive"}
+    assert {o["label"] for o in clf(["a gripping , funny film .", "dull and tedious ."])} <= {"negative", "positive"}
+    assert load_classifier(env["teachers"][0].checkpoint, 2).config.label2id == {"negative": 0, "positive": 1}
+    # the saved tokenizer feeds what the model was trained on: no token type ids, for pairs either
+    assert set(load_tokenizer(str(weights_run.model_dir))("a", "b")) == {"input_ids", "attention_mask"}
+    mrpc = GLUE_TASKS["mrpc"]
+    load_classifier(str(tiny_model), 2, label_names=mrpc.label_names).save_pretrained(tmp_path)
+    load_tokenizer(str(tiny_model)).save_pretrained(tmp_path)
+    pair = pipeline("text-classification", model=str(tmp_path))({"text": "He said so.", "text_pair": "He did."})
+    assert pair["label"] in {"not_equivalent", "equivalent"}
+    with pytest.raises(TeacherError, match="2 distinct names"):
+        load_classifier(str(tiny_model), 2, label_names=["yes", "yes"])
+
+
+def test_an_export_of_the_student_is_logged_into_the_run_that_trained_it(env, weights_run, tmp_path):
+    import shutil
+
+    from actors.models import load_tokenizer
+    from orchestrator.data import encode, load_split, task_spec
+    from orchestrator.export import export_model, log_export, run_of
+
+    student = tmp_path / "student"
+    shutil.copytree(weights_run.model_dir, student)
+    cfg = env["cfg"]()
+    tok = load_tokenizer(str(student))
+    dev = encode(load_split("sst2", cfg.data, "dev"), tok, cfg.data.max_length)
+    report = export_model(student, task_spec("sst2", cfg.data), dev, tok.pad_token_id, int8=True)
+    assert run_of(student) == weights_run.run_id
+    log_export(cfg.tracking_uri(), run_of(student), report)
+    client = env["client"]
+    assert {a.path for a in client.list_artifacts(weights_run.run_id, "onnx")} >= {"onnx/model.onnx",
+                                                                                 "onnx/model.int8.onnx"}
+    metrics = client.get_run(weights_run.run_id).data.metrics
+    assert metrics["export/onnx-fp32/max_abs_diff"] == pytest.approx(report.checks[0].max_abs_diff)
+    assert metrics["export/onnx-int8/dev_accuracy"] == pytest.approx(report.checks[1].metrics["accuracy"])
 
 
 def test_resume_reproduces_the_teacher_sequence_and_losses(env, weights_run):

@@ -144,6 +144,10 @@ def test_compare_attaches_to_the_served_pool_without_starting_teachers(env, tmp_
     # the paired difference from the baseline (the first variant), from the saved students' dev predictions
     assert summaries[0].paired is None and summaries[1].paired.baseline == "skd:uniform"
     assert summaries[1].paired.low <= summaries[1].paired.delta <= summaries[1].paired.high
+    # the headline (parameters and speed against the best teacher) is measured once for the comparison's
+    # one student architecture and best teacher: the same numbers for both variants
+    speedups = [v.headline("headline/speedup") for v in summaries]
+    assert speedups[0] is not None and speedups[0] == speedups[1]
 
 
 def test_ctrl_c_ends_the_whole_comparison_not_just_its_current_run(env, tmp_path):
