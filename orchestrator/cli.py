@@ -408,11 +408,11 @@ def export(model_dir: Annotated[Path, typer.Argument(help="A save_pretrained fol
     if cfg is not None and run:
         try:
             log_export(cfg.tracking_uri(), run, report)
-            console.print(f"[skd] logged the export into MLflow run {run} (artifacts onnx/, metrics export/*)")
+            console.print(f"[skd] logged the export into MLflow run {run} (artifacts onnx/, metrics export/*)", markup=False)
         except Exception as exc:  # the files are written and verified; the store is a copy of them
-            console.print(f"[skd] warning: could not log the export into MLflow run {run}: {exc}", highlight=False)
+            console.print(f"[skd] warning: could not log the export into MLflow run {run}: {exc}", markup=False)
     elif run:
-        console.print(f"[skd] not logged to MLflow run {run}: pass -c CONFIG to name its store")
+        console.print(f"[skd] not logged to MLflow run {run}: pass -c CONFIG to name its store", markup=False)
 
 
 @app.command()
@@ -439,10 +439,10 @@ def benchmark(model_dirs: Annotated[list[Path], typer.Argument(help="save_pretra
         name, data, _ = _task_data(task, config, max_length)
         console.print(f"[skd] benchmark: {len(model_dirs)} model(s) x {len(backend or BACKENDS)} backend(s), "
                       f"{threads} thread(s), interleaved rounds until the 95% intervals are within "
-                      f"{rel_ci:.0%} (at most {max_seconds:.0f} s)", highlight=False)
+                      f"{rel_ci:.0%} (at most {max_seconds:.0f} s)", markup=False)
         rows = run_benchmark(model_dirs, name, data, backends=tuple(backend or BACKENDS), threads=threads,
                              latency_rows=latency_rows, batch_rows=batch_rows, max_seconds=max_seconds, rel_ci=rel_ci,
-                             progress=lambda r, s: console.print(f"[skd] round {r} ({s:.0f} s)", highlight=False))
+                             progress=lambda r, s: console.print(f"[skd] round {r} ({s:.0f} s)", markup=False))
     except SkdError as exc:
         fail(exc)
     table = Table(title=f"inference speed on {name} dev ({threads} thread(s))")

@@ -35,7 +35,7 @@ class Speed:
     Attributes:
         model / backend: names; parameters: parameter count; bytes: weights on disk.
         p50_ms / p95_ms: batch-1 latency percentiles over every timed call; p50_ci: 95% interval of the
-            per-round medians' mean (ms).
+            per-round medians' mean (ms); NaN when no batch-1 rows were timed.
         samples_per_s: batch-32 throughput over every timed round; sps_ci: 95% interval of the per-round
             throughputs' mean. rounds: timed rounds; tight: whether both intervals met `rel_ci`.
     """
@@ -93,7 +93,8 @@ def onnx_runner(path: Path, threads: int) -> Runner:
 
 @dataclass
 class Workload:
-    """One model's inputs: `latency` rows [1, L_i] for batch-1 calls, `batches` [32, L_b] padded batches."""
+    """One model's inputs: `latency` rows [1, L_i] for batch-1 calls (none: latency not timed), `batches`
+    [32, L_b] padded batches."""
 
     latency: list[tuple[np.ndarray, np.ndarray]]
     batches: list[tuple[np.ndarray, np.ndarray]]
@@ -146,7 +147,8 @@ def measure(runners: dict[tuple[str, str], tuple[Runner, Workload]], *, min_roun
                 run(ids, mask)
             took = time.perf_counter() - t0
             s["latencies_ms"] += lat
-            s["round_p50_ms"].append(float(np.median(lat)))
+            if lat:
+                s["round_p50_ms"].append(float(np.median(lat)))
             s["round_sps"].append(work.batch_samples / took)
             s["samples"] += work.batch_samples
             s["seconds"] += took
@@ -154,18 +156,23 @@ def measure(runners: dict[tuple[str, str], tuple[Runner, Workload]], *, min_roun
         elapsed = time.perf_counter() - began
         if progress is not None:
             progress(rounds, elapsed)
-        if rounds >= min_rounds and (elapsed >= max_seconds or all(
-                _tight(s["round_sps"], rel_ci) and _tight(s["round_p50_ms"], rel_ci) for s in stats.values())):
+        if rounds >= min_rounds and (elapsed >= max_seconds or all(_both_tight(s, rel_ci) for s in stats.values())):
             break
     return stats
+
+
+def _both_tight(s: dict, rel: float) -> bool:
+    """Both intervals of one runner's rounds within `rel` of the mean (latency only when it was timed)."""
+    return _tight(s["round_sps"], rel) and (not s["round_p50_ms"] or _tight(s["round_p50_ms"], rel))
 
 
 def summarise(key: tuple[str, str], s: dict, parameters: int, size: int, rel_ci: float) -> Speed:
     """A `Speed` row from `measure`'s statistics of one runner."""
     lat = np.asarray(s["latencies_ms"])
-    return Speed(key[0], key[1], parameters, size, float(np.percentile(lat, 50)), float(np.percentile(lat, 95)),
-                 _interval(s["round_p50_ms"]), s["samples"] / s["seconds"], _interval(s["round_sps"]),
-                 len(s["round_sps"]), _tight(s["round_sps"], rel_ci) and _tight(s["round_p50_ms"], rel_ci))
+    p50, p95 = (float(np.percentile(lat, q)) for q in (50, 95)) if len(lat) else (float("nan"), float("nan"))
+    p50_ci = _interval(s["round_p50_ms"]) if s["round_p50_ms"] else (float("nan"), float("nan"))
+    return Speed(key[0], key[1], parameters, size, p50, p95, p50_ci, s["samples"] / s["seconds"],
+                 _interval(s["round_sps"]), len(s["round_sps"]), _both_tight(s, rel_ci))
 
 
 def weights_bytes(model_dir: Path) -> int:
@@ -272,7 +279,7 @@ def headline(student_dir: Path, teacher_dir: Path, teacher_parameters: int, rete
     key = ((student_dir / "config.json").read_text(), str(teacher_dir), threads, task)
     if key not in _HEADLINE_SPEEDS:
         rows = benchmark([student_dir, teacher_dir], task, data, backends=("torch-fp32",), threads=threads,
-                         latency_rows=1, batch_rows=64, min_rounds=3, max_rounds=8, max_seconds=60.0)
+                         latency_rows=0, batch_rows=64, min_rounds=3, max_rounds=8, max_seconds=60.0)
         _HEADLINE_SPEEDS[key] = (rows[0].samples_per_s, rows[1].samples_per_s)
     student_sps, teacher_sps = _HEADLINE_SPEEDS[key]
     out = {"headline/parameter_ratio": params / teacher_parameters, "headline/speedup": student_sps / teacher_sps,

@@ -36,15 +36,11 @@ def cluster(tiny_model, tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     tmp = tmp_path_factory.mktemp("cluster")
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    teacher_nodes = [nodes.add_node(**TEACHER_NODE) for _ in range(2)]
-    nodes.add_node(**STUDENT_NODE)
-    nodes.wait_for_nodes()
-    ray.init(address=nodes.address, log_to_driver=False)
     port = runtime.free_port()
     (tmp / "mlflow").mkdir()
-    server = start_mlflow_server(port, tmp / "mlflow")
+    server = start_mlflow_server(port, tmp / "mlflow")  # first: if it fails, no Ray is left for later modules
     uri = f"http://127.0.0.1:{port}"
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 
     section = {}
 
@@ -54,6 +50,10 @@ def cluster(tiny_model, tmp_path_factory):
                                   "ray.use_gpu=false", *overrides], base=tiny_raw(tmp, tiny_model, teachers=section))
 
     try:  # untrained tiny teachers, as if prepared (placement and serving are what is tested here)
+        teacher_nodes = [nodes.add_node(**TEACHER_NODE) for _ in range(2)]
+        nodes.add_node(**STUDENT_NODE)
+        nodes.wait_for_nodes()
+        ray.init(address=nodes.address, log_to_driver=False)
         section.update(make_tiny_teachers(tmp / "teachers", {"t4": (4, 32, 2), "t2": (2, 32, 2)})[1])
         yield {"cfg": cfg, "address": nodes.address, "teacher_nodes": {n.node_id for n in teacher_nodes},
                "client": MlflowClient(uri), "tmp": tmp}
