@@ -381,16 +381,15 @@ def export(model_dir: Annotated[Path, typer.Argument(help="A save_pretrained fol
     their metrics also go into the MLflow run that wrote the model."""
     from actors.models import load_tokenizer
     from orchestrator.data import encode, load_split, task_spec
-    from orchestrator.export import export_model, log_export, run_of
+    from orchestrator.export import check_target, export_model, log_export, run_of
 
     try:
         if not onnx:
             raise SkdError("--no-onnx leaves nothing to export: ONNX is the only format (add --int8 for int8)")
         name, data, cfg = _task_data(task, config, max_length)
         spec = task_spec(name, data)
-        tok = load_tokenizer(str(model_dir)) if (model_dir / "config.json").is_file() else None
-        if tok is None:
-            raise SkdError(f"MODEL_DIR {model_dir} is not a save_pretrained folder (no config.json)")
+        check_target(model_dir)  # a model folder whose onnx/ skd may write, before loading anything
+        tok = load_tokenizer(str(model_dir))
         dev = encode(load_split(spec.name, data, "dev"), tok, data.max_length)
         report = export_model(model_dir, spec, dev, int(tok.pad_token_id or 0), int8=int8, tolerance=tolerance,
                               atol=atol, threads=threads)

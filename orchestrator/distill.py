@@ -81,9 +81,9 @@ def tied_scores_warning(scores: list[float], metric: str, steps: int) -> str | N
 def _headline(plan: RunPlan):
     """The saved student's headline against the best teacher (`orchestrator.speed.headline`), or None for
     an ensemble without teachers."""
-    if not plan.teachers:
+    best = plan.best_teacher
+    if best is None:
         return None
-    best = max(plan.teachers, key=lambda t: t.dev_metric)
 
     def measure(result) -> dict[str, float]:
         from orchestrator.speed import headline

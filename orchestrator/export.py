@@ -150,14 +150,10 @@ def session(path: Path, threads: int):
 def ort_predict(sess, data: Encoded, pad_id: int, batch_size: int) -> np.ndarray:
     """An ONNX session's logits on every row, in row order: [N, C] float32 (batches of similar length,
     as `orchestrator.trainer.predict`)."""
-    order = np.argsort([len(x) for x in data.input_ids], kind="stable")
-    outs = []
-    for i in range(0, len(order), batch_size):
-        b = data.batch(order[i: i + batch_size], pad_id)
-        outs.append(sess.run(["logits"], {k: np.asarray(b[k], dtype=np.int64) for k in INPUT_NAMES})[0])
-    preds = np.empty((len(order), outs[0].shape[-1]), dtype=np.float32)
-    preds[order] = np.concatenate(outs)
-    return preds
+    from orchestrator.trainer import in_length_order
+
+    return in_length_order(data, pad_id, batch_size, lambda b: sess.run(
+        ["logits"], {k: np.asarray(b[k], dtype=np.int64) for k in INPUT_NAMES})[0])
 
 
 def verify(path: Path, backend: str, reference: np.ndarray, labels: np.ndarray, spec: TaskSpec, data: Encoded,

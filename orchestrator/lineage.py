@@ -215,10 +215,9 @@ def headline_text(h: dict[str, float]) -> str:
 
 def headline_lines(plan: "RunPlan", result: Any) -> list[str]:
     """The model card's size-and-speed section (empty when the run measured no headline)."""
-    text = headline_text(getattr(result, "headline", None) or {})
-    if not text or not plan.teachers:
+    text, best = headline_text(getattr(result, "headline", None) or {}), plan.best_teacher
+    if not text or best is None:
         return []
-    best = max(plan.teachers, key=lambda t: t.dev_metric)
     return ["## Size and speed", "", f"Against the best teacher, {best.name}: {text}. Speed: PyTorch fp32, batches "
             f"of 32 dev sentences, one thread, student and teacher measured side by side at the end of the run "
             f"(`skd benchmark` measures more backends).", ""]

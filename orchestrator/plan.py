@@ -124,9 +124,15 @@ class RunPlan:
         return self.cfg.out_dir() / "students" / self.run_name
 
     @property
+    def best_teacher(self):
+        """The `TeacherInfo` with the best dev metric (the reference of retention and the headline); None
+        without teachers."""
+        return max(self.teachers, key=lambda t: t.dev_metric, default=None)
+
+    @property
     def best_teacher_metric(self) -> float | None:
         """The best teacher's dev metric (the denominator of retention); None without teachers."""
-        return max((t.dev_metric for t in self.teachers), default=None)
+        return None if self.best_teacher is None else self.best_teacher.dev_metric
 
     @property
     def uses_teacher_actors(self) -> bool:

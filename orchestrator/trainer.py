@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -44,18 +44,26 @@ def predict(model, data: Encoded, pad_id: int, batch_size: int) -> np.ndarray:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    outs = []
-    # sort by length so batches pad little; metrics do not depend on order
-    order = np.argsort([len(x) for x in data.input_ids], kind="stable")
+
+    def forward(b: dict) -> np.ndarray:
+        return model(input_ids=torch.as_tensor(b["input_ids"], device=device),
+                     attention_mask=torch.as_tensor(b["attention_mask"], device=device)).logits.float().cpu().numpy()
+
     with torch.inference_mode():
-        for i in range(0, len(order), batch_size):
-            b = data.batch(order[i: i + batch_size], pad_id)
-            logits = model(input_ids=torch.as_tensor(b["input_ids"], device=device),
-                           attention_mask=torch.as_tensor(b["attention_mask"], device=device)).logits
-            outs.append(logits.float().cpu().numpy())
+        preds = in_length_order(data, pad_id, batch_size, forward)
+    model.train(was_training)
+    return preds
+
+
+def in_length_order(data: Encoded, pad_id: int, batch_size: int,
+                    forward: Callable[[dict], np.ndarray]) -> np.ndarray:
+    """`forward`'s [B, C] outputs on every row of an encoded split, in row order: [N, C] float32. Rows are
+    batched in order of length (batches pad little; metrics do not depend on order); `forward` gets each
+    `Encoded.batch` dict (PyTorch here, ONNX Runtime in `orchestrator.export.ort_predict`)."""
+    order = np.argsort([len(x) for x in data.input_ids], kind="stable")
+    outs = [forward(data.batch(order[i: i + batch_size], pad_id)) for i in range(0, len(order), batch_size)]
     preds = np.empty((len(order), outs[0].shape[-1]), dtype=np.float32)
     preds[order] = np.concatenate(outs)
-    model.train(was_training)
     return preds
 
 
