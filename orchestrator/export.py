@@ -74,6 +74,7 @@ class ExportReport:
     checks: list[ExportCheck] = field(default_factory=list)
 
     def to_json(self) -> dict:
+        """The report as written to export.json: {"metric", "torch": metrics, "checks": [ExportCheck fields]}."""
         return {"metric": self.metric, "torch": self.torch_metrics, "checks": [asdict(c) for c in self.checks]}
 
 

@@ -110,6 +110,7 @@ class Workload:
 
     @property
     def batch_samples(self) -> int:
+        """Rows in the batched part (samples per throughput round)."""
         return sum(len(ids) for ids, _ in self.batches)
 
 
