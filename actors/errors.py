@@ -42,3 +42,13 @@ class TeacherLostError(Exception):
 
 class TeachersLostError(SkdError):
     """Every teacher a run could ask is lost; the run stops with a checkpoint (resume with `--resume`)."""
+
+
+class CheckpointError(SkdError):
+    """A checkpoint that cannot be trusted (missing manifest, a file of the wrong size or digest, non-finite
+    weights) and no earlier one that can."""
+
+
+class NonFiniteError(SkdError):
+    """Training met a non-finite loss, gradient or teacher answer (`distill.nonfinite: stop`); the run
+    stopped with a checkpoint of its last finite state."""

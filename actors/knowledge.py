@@ -288,6 +288,18 @@ class Knowledge:
 
     ARRAYS = ("logits", "layers", "hidden", "token_index", "token_mask", "width_index", "attentions", "cls")
 
+    def nonfinite_rows(self) -> np.ndarray:
+        """[R] int64 batch rows (0..B-1, ascending) where any floating array (logits, hidden, attentions,
+        cls) holds a NaN or an infinity; empty when every value is finite."""
+        bad = None
+        for name in ("logits", "hidden", "attentions", "cls"):
+            a = getattr(self, name)
+            if a is None or not np.issubdtype(a.dtype, np.floating):
+                continue
+            rows = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)  # [B]
+            bad = rows if bad is None else bad | rows
+        return np.flatnonzero(bad) if bad is not None else np.zeros(0, dtype=np.int64)
+
     def nbytes(self) -> int:
         """Bytes of all arrays present (what crosses the wire or lands in the cache)."""
         return int(sum(getattr(self, name).nbytes for name in self.ARRAYS if getattr(self, name) is not None))

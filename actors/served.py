@@ -18,6 +18,7 @@ the knowledge feed follow the membership.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import ray
@@ -67,12 +68,15 @@ class PoolView:
         live: pool indices of the teachers serving at this version (ascending).
         infos: the catalogue, every teacher the pool served up to now (index = pool index).
         handles: pool index -> actor handle, for the teachers live at this version.
+        identity: the directory's random id, new each time `skd teachers serve` starts the pool (a pool
+            served anew starts its versions at 0 again; a run's checkpoint tells the two apart by it).
     """
 
     version: int
     live: tuple[int, ...]
     infos: tuple[TeacherInfo, ...]
     handles: dict = field(default_factory=dict)
+    identity: str = ""
 
 
 class PoolDirectory:
@@ -93,6 +97,7 @@ class PoolDirectory:
         self.history: list[tuple[tuple[int, ...], float, str]] = []  # per version: live, unix time, change
         self.records: dict[str, dict[int, int]] = {}  # run key -> {0-based step: version applied before it}
         self.placement_group = None  # the one `serve` reserved (removed by `skd teachers stop`)
+        self.identity = uuid.uuid4().hex  # this serving of the pool (`PoolView.identity`)
 
     def _commit(self, change: str) -> int:
         self.history.append((tuple(sorted(self.handles)), time.time(), change))
@@ -147,7 +152,7 @@ class PoolDirectory:
         removed teacher's actor is killed, so a resumed run replaying an old version finds it lost)."""
         v = self.version() if version is None else int(version)
         live = self.history[v][0]
-        return PoolView(v, live, tuple(self.infos), {i: self.actors[i] for i in live})
+        return PoolView(v, live, tuple(self.infos), {i: self.actors[i] for i in live}, self.identity)
 
     def record(self, key: str, step: int, version: int) -> None:
         """Remember that run `key` applied `version` before its 0-based `step` (idempotent)."""
@@ -248,6 +253,11 @@ class ServedPool:
         """The membership version this copy follows."""
         return self.view.version
 
+    @property
+    def identity(self) -> str:
+        """Which serving of the pool this copy follows (`PoolView.identity`)."""
+        return self.view.identity
+
     def live(self) -> list[int]:
         """Run indices of the teachers serving at `version`."""
         return [k for k, i in enumerate(self.members) if i in self.view.live]
@@ -319,6 +329,27 @@ class ServedPool:
         """Follow the pool from a checkpointed `version` with the checkpointed run catalogue (blocking)."""
         self.view = ray.get(self.directory.view.remote(version))
         self.members = list(members)
+
+    def rebase(self, names: list[str], version: int) -> None:
+        """Follow a pool served anew since the run's checkpoint (another `identity`; its versions began at 0
+        again) from `version` (the newest, agreed over ranks), the run's catalogue (`names`, run order) found
+        by name; teachers this copy knows (the config's) must come from the same checkpoints (blocking).
+
+        Raises:
+            SkdError: the new pool never served one of the run's teachers, or serves one from another checkpoint.
+        """
+        view: PoolView = ray.get(self.directory.view.remote(version))
+        by_name = {t.name: i for i, t in enumerate(view.infos)}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise SkdError(f"teacher pool {self.pool!r} was served anew and does not serve {', '.join(missing)}, which "
+                           f"this run had; add them (`skd teachers add -c CONFIG {' '.join(missing)}`) and resume")
+        known = {t.name: t.checkpoint for t in self.infos}
+        other = [n for n in names if n in known and view.infos[by_name[n]].checkpoint != known[n]]
+        if other:
+            raise SkdError(f"teacher pool {self.pool!r} was served anew with {', '.join(other)} from other checkpoints "
+                           f"than this run's; serve the run's teachers under these names, or start a new run")
+        self.view, self.members, self._seen = view, [by_name[n] for n in names], view.version
 
     def record(self, key: str, step: int, version: int) -> None:
         """Tell the directory that run `key` applied `version` before its 0-based `step` (no waiting)."""

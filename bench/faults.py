@@ -10,7 +10,13 @@ Faults (one run each, one Ray cluster for the in-process runs):
 - teacher-lost: `ray.kill(teacher, no_restart=True)` once the teachers served 60 requests;
 - worker-killed: SIGKILL of the Ray Train worker process once its first checkpoint is registered;
 - interrupt: `skd distill` in its own process, SIGINT after its first checkpoint, then `--resume`;
-- mlflow-outage: the tracking server stopped after step 20's metrics arrived and restarted 10 s later.
+- mlflow-outage: the tracking server stopped after step 20's metrics arrived and restarted 10 s later;
+- checkpoint-corrupt: the run stopped after 100 steps, its newest checkpoint's model.safetensors cut by
+  64 bytes, then `--resume` (falls back to the checkpoint before);
+- nan-teacher: one teacher's classifier weights set to NaN (a copy of its folder, served by its actor):
+  `distill.nonfinite: stop` ends the run with a checkpoint and one error;
+- cache-damaged: soft labels cached, one bit flipped in one shard; the run is refused before Ray starts,
+  `skd cache build` rewrites that shard, the run trains from the cache.
 
 Prints one JSON line per run and a markdown table: final status and steps, steps trained twice (a lower
 bound on the work lost: steps re-trained after a restart that had already logged), steps without a
@@ -51,7 +57,8 @@ def config(out: Path, uri: str, steps: int) -> dict:
             "mlflow": {"tracking_uri": uri, "experiment": "skd-bench-faults"}}
 
 
-FAULTS = ("teacher-lost", "worker-killed", "interrupt", "mlflow-outage")
+FAULTS = ("teacher-lost", "worker-killed", "interrupt", "mlflow-outage", "checkpoint-corrupt", "nan-teacher",
+          "cache-damaged")
 
 
 @dataclass
@@ -184,6 +191,82 @@ def mlflow_outage(b: Bench) -> None:
     b.record("MLflow server down 10 s", "mlflow server stopped after step 20, restarted 10 s later", box["out"])
 
 
+def checkpoint_corrupt(b: Bench) -> None:
+    from orchestrator.distill import run_distill
+
+    c = b.cfg("checkpoint-corrupt")
+    first = run_distill(c, stop_after=100, register_as=None)
+    weights = Path(first.checkpoint) / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    res = run_distill(c, resume=True, register_as=None)
+    res.wall_s += first.wall_s
+    tag = b.client.get_run(res.run_id).data.tags.get("skd.checkpoint_refused", "-")
+    b.record("newest checkpoint damaged", f"stopped at 100, {weights.name} of step {first.steps}'s checkpoint cut by "
+             f"64 bytes, then --resume", res, {"event": tag})
+
+
+def nan_teacher(b: Bench) -> None:
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from actors.errors import NonFiniteError
+    from actors.manifest import read_manifest, write_manifest
+    from orchestrator.distill import run_distill
+
+    teachers = read_manifest(b.cfg("teachers").manifest_path())
+    bad = b.out / f"nan-teacher-{b.stamp}"
+    victim = teachers[1]
+    shutil.copytree(victim.checkpoint, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    key = next(k for k in tensors if k.startswith("classifier.") and k.endswith("weight"))
+    tensors[key][:] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    manifest = b.out / f"nan-teachers-{b.stamp}.json"
+    write_manifest(manifest, [dataclasses.replace(t, checkpoint=str(bad)) if t is victim else t for t in teachers])
+    c = b.cfg("nan-teacher", f"teachers.manifest={manifest}")
+    began = time.perf_counter()
+    try:
+        run_distill(c, register_as=None)
+        error = "none"
+    except NonFiniteError as exc:
+        error = str(exc)
+    exp = b.client.get_experiment_by_name("skd-bench-faults")
+    [run] = b.client.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{b.name('nan-teacher')}'")
+    steps = max((m.step for m in b.client.get_metric_history(run.info.run_id, "train/loss")), default=0)
+    row = {"fault": "a teacher answers NaN", "injected": f"{victim.name}'s classifier weights set to NaN",
+           "status": run.info.status, "steps": steps, "wall_s": round(time.perf_counter() - began, 1),
+           **store_view(b.client, run.info.run_id, steps), "error": error}
+    b.rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def cache_damaged(b: Bench) -> None:
+    from actors.errors import SkdError
+    from orchestrator.cache_build import build_cache
+    from orchestrator.distill import run_distill
+
+    cache = b.out / f"cache-{b.stamp}"
+    c = b.cfg("cache-damaged", f"distill.knowledge.source=cache:{cache}")
+    build_cache(c, cache)
+    shard = next(iter(sorted(cache.glob("*/shard-00001.safetensors"))))
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40
+    shard.write_bytes(bytes(data))
+    try:
+        run_distill(c, register_as=None)
+        refused = "not refused"
+    except SkdError as exc:
+        refused = str(exc)
+    began = time.perf_counter()
+    build_cache(c, cache)
+    rebuilt = round(time.perf_counter() - began, 1)
+    res = run_distill(c, register_as=None)
+    b.record("cache shard damaged", f"one bit flipped in {shard.parent.name}/{shard.name}", res,
+             {"refused": refused, "rebuild_s": rebuilt})
+
+
 def table(rows: list[dict]) -> None:
     base_wall = rows[0]["wall_s"]
     print("\n| fault | injected | status | steps | steps trained twice (>=) | steps missing metrics | "
@@ -216,7 +299,9 @@ def main() -> None:
         runtime.start_local_ray(2, dashboard=False, log_to_driver=False)
         b.record("none", "-", run_distill(b.cfg("baseline"), register_as=None))
         for fault, inject in (("teacher-lost", teacher_lost), ("worker-killed", worker_killed),
-                              ("interrupt", interrupted), ("mlflow-outage", mlflow_outage)):
+                              ("interrupt", interrupted), ("mlflow-outage", mlflow_outage),
+                              ("checkpoint-corrupt", checkpoint_corrupt), ("nan-teacher", nan_teacher),
+                              ("cache-damaged", cache_damaged)):
             if fault in args.faults:
                 inject(b)
     finally:

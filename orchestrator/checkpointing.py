@@ -5,13 +5,21 @@ Layout of one checkpoint folder:
     optimizer.safetensors   optimizer state tensors, keyed "<param index>.<name>"
     trainer_state.json      step, sampler state, teacher counts, scheduler and optimizer scalars
     projection.safetensors  the student-to-teacher hidden-state projection (runs with HSK / [CLS] losses)
+    checkpoint.json         written last: every other file's size (bytes) and SHA-256 (`write_manifest`)
+
+`verify_checkpoint` checks every file against it before a resume (`newest_verified` falls back to the newest
+earlier checkpoint that passes). A folder without `checkpoint.json` was cut off mid-write (a crash, a full
+disk) or written before skd recorded checksums: it is used only when every file it needs parses and its
+weights are finite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,6 +28,7 @@ MODEL_DIR = "model"
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.safetensors"
 PROJECTION_FILE = "projection.safetensors"
+MANIFEST_FILE = "checkpoint.json"
 
 
 def save_training_state(folder: Path, model, tokenizer, optimizer: torch.optim.Optimizer,
@@ -81,3 +90,96 @@ def load_module_state(folder: Path, name: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint {folder} has no {name}: it was written by a run with other "
                                 f"distill.knowledge settings; resume with the settings it was trained with")
     return load_file(str(path))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Write `folder/checkpoint.json` (atomically, after every other file is complete): {relative path:
+    {"bytes", "sha256"}} of every file in `folder`. Returns that mapping."""
+    files = {f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST_FILE}
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST_FILE)
+    return files
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """Why the checkpoint in `folder` cannot be trusted, or None when every file its manifest lists is there
+    with the size and SHA-256 it was written with and the model's weights are finite (without a manifest:
+    when its files parse, `_unverified_problem`). Reads every byte (about 1 s per GB on one core)."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        return _unverified_problem(folder)
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{path} does not parse ({exc})"
+    for name, want in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{f} has {f.stat().st_size} bytes, {want['bytes']} when written"
+        if _sha256(f) != want["sha256"]:
+            return f"{f} does not match its SHA-256 (changed or corrupted since it was written)"
+    weights = folder / MODEL_DIR / "model.safetensors"
+    bad = [k for k, v in load_file(str(weights)).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        return f"{weights} holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+    return None
+
+
+def _unverified_problem(folder: Path) -> str | None:
+    """A folder without a manifest: written by skd before it recorded checksums, or cut off mid-write. It is
+    trusted only if every file a resume reads is there and parses (the state JSON, the model's and the
+    optimizer's safetensors) and the weights are finite; otherwise the problem, naming the file."""
+    from safetensors import safe_open
+
+    state = folder / STATE_FILE
+    try:
+        json.loads(state.read_text())["state"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{folder / MANIFEST_FILE} is missing and {state} does not read (the checkpoint was never finished)"
+    for f in (folder / MODEL_DIR / "model.safetensors", folder / OPTIM_FILE):
+        try:
+            with safe_open(str(f), framework="pt") as opened:
+                for key in opened.keys():
+                    opened.get_slice(key)
+        except Exception:  # noqa: BLE001  (safetensors raises its own error type for every malformed file)
+            return f"{folder / MANIFEST_FILE} is missing and {f} does not read (the checkpoint was never finished)"
+    return None
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder was written at (its trainer_state.json), -1 where it cannot be read."""
+    try:
+        return int(json.loads((folder / STATE_FILE).read_text())["state"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def newest_verified(first: Path, others: Iterable[Path]) -> tuple[Path, list[str]]:
+    """The checkpoint to resume from: `first` (the newest) when it verifies, else the newest of `others` (by
+    step) that does, and why each one passed over was refused.
+
+    Raises:
+        CheckpointError: none verifies (the message names each file at fault).
+    """
+    from actors.errors import CheckpointError
+
+    refused = []
+    for folder in [first, *sorted((o for o in others if o != first), key=checkpoint_step, reverse=True)]:
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder, refused
+        refused.append(f"step {checkpoint_step(folder)}: {problem}")
+    raise CheckpointError("no checkpoint of this run can be trusted: " + "; ".join(refused)
+                          + ". Start the run again without --resume (or restore the files from a copy)")

@@ -184,6 +184,9 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
     """Distil a student from the teacher ensemble: each step ONE teacher, drawn from the sampling
     distribution, serves soft labels and, if configured, hidden states / attentions (strategies: skd,
     no-kd, average, single:<teacher>)."""
+    from actors.errors import CheckpointError, NonFiniteError
+    from orchestrator.checkpointing import verify_checkpoint
+    from orchestrator.failures import WorkerFailedError
     from orchestrator.distill import run_distill
     from orchestrator.tracking import browse_hint
 
@@ -193,10 +196,17 @@ def distill(config: ConfigOpt, set_: SetOpt = None,
         cfg = load_config(config, [*(set_ or []), *extra])
         if resume_from is not None and not (resume_from / "trainer_state.json").is_file():
             raise SkdError(f"--resume-from {resume_from}: not a checkpoint folder (no trainer_state.json)")
+        if resume_from is not None and (problem := verify_checkpoint(resume_from)):
+            raise CheckpointError(f"--resume-from {resume_from}: the checkpoint cannot be trusted: {problem}; "
+                                  f"point it at another checkpoint folder")
         result = run_distill(cfg, resume=resume, resume_from=str(resume_from) if resume_from else None,
                              stop_after=stop_after, register_as=cfg.registered_model_name())
-    except TeachersLostError as exc:
+    except (TeachersLostError, NonFiniteError) as exc:
         console.print(f"resume with: {resume_command(config, set_)}", highlight=False)
+        fail(exc)
+    except WorkerFailedError as exc:
+        if exc.resumable:
+            console.print(f"resume with: {resume_command(config, set_)}", highlight=False)
         fail(exc)
     except KeyboardInterrupt:
         console.print(f"interrupted; continue from the last checkpoint with: {resume_command(config, set_)}",
@@ -270,6 +280,30 @@ def cache_build(config: ConfigOpt, set_: SetOpt = None,
     table.add_row("fraction of full HSK kept", "-" if fraction is None else f"{100 * fraction:.3f} %")
     console.print(table)
     console.print(f"train from it: skd distill -c {config} --knowledge cache:{summary['path']}", highlight=False)
+
+
+@cache_app.command("verify")
+def cache_verify(path: Annotated[Path, typer.Argument(help="The cache folder (the one holding manifest.json).")]):
+    """Check every shard of a finished cache against the size and SHA-256 `skd cache build` recorded (reads
+    every byte). Exit status 2 names each damaged shard; `skd cache build` with the same config rewrites them."""
+    import time
+
+    from actors.cache import KnowledgeCache
+
+    try:
+        began = time.perf_counter()
+        cache = KnowledgeCache.open(path)
+        cache.verify(contents=True)
+    except SkdError as exc:
+        fail(exc)
+    digest = cache.manifest.get("content_sha256")
+    shards = cache.manifest["num_shards"] * len(cache.teacher_names)
+    console.print(f"knowledge cache {path}: {shards} shard(s) of {len(cache.teacher_names)} teacher(s), "
+                  f"{(cache.manifest.get('total_bytes') or 0) / 2 ** 20:,.1f} MiB verified in "
+                  f"{time.perf_counter() - began:.1f} s"
+                  + (f"; content digest {digest[:16]}" if digest else
+                     " (only that every shard is there: built before skd recorded digests; rebuild it with --overwrite)"),
+                  highlight=False, markup=False)
 
 
 @app.command()

@@ -372,6 +372,10 @@ class DistillConfig(_Strict):
     log_every: int = Field(10, gt=0, description="Steps between progress lines and MLflow metric flushes.")
     eval_batch_size: int = Field(128, gt=0)
     prefetch: bool = Field(True, description="Send step t+1's knowledge request before step t's backward pass.")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A step whose loss or gradient is NaN/inf (or whose teacher answered NaN/inf): stop "
+                            "with a checkpoint of the last finite state (resume with --resume), or skip the "
+                            "update and count it (train/nonfinite_skipped). Teachers' fine-tuning too.")
     gsnr_every: int | None = Field(None, gt=0, description="Steps between GSNR probes of the student (None: off).")
     gsnr_probe_size: int = Field(16, gt=1, description="Training examples in the fixed GSNR probe batch.")
     knowledge: KnowledgeConfig = KnowledgeConfig()

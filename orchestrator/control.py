@@ -19,10 +19,20 @@ import ray
 
 
 class RunControl:
-    """The driver's stop flag, as a Ray actor (no CPU): `stop()` sets it, `stopping()` reads it."""
+    """The driver's stop flag, as a Ray actor (no CPU): `stop()` sets it, `stopping()` reads it. Also where
+    a worker leaves an error a restart cannot fix (`fail`, read by the driver with `failure`)."""
 
     def __init__(self) -> None:
         self._stop = False
+        self._failure: dict[str, str] | None = None
+
+    def fail(self, report: dict[str, str]) -> None:
+        """Record a worker's `failures.fatal_report` (the first one stands)."""
+        self._failure = self._failure or report
+
+    def failure(self) -> dict[str, str] | None:
+        """The recorded `fail` report, or None."""
+        return self._failure
 
     def stop(self) -> None:
         """Ask the run's workers to stop at their next `log_every` boundary."""

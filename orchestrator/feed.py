@@ -230,14 +230,7 @@ class KnowledgeFeed:
                 self._live.remove(k)
             self.events.append((step, "leave", k, f"pool version {target}"))
         for k in joined:
-            width = self.source.infos[k].hidden_size
-            if self.widths is not None and width not in self.widths:
-                self.events.append((step, "skip", k, f"pool version {target}: hidden size {width} has no projection "
-                                                     f"in this run (widths {sorted(self.widths)})"))
-                continue
-            self._live = sorted(set(self._live) | {k})
-            self.lost.pop(k, None)
-            self.events.append((step, "join", k, f"pool version {target}"))
+            self._join(step, k, f"pool version {target}")
         if self.sampler is not None:
             p = self.reweigh(self.source.infos, self._live) if self.reweigh else self.sampler.padded(len(self.counts))
             self.sampler.set_probs(p)
@@ -286,8 +279,9 @@ class KnowledgeFeed:
         state = {"counts": list(self.counts), "sampler": sampler}
         if self.adaptive is not None:  # the bandit's state after the last probe (p in force, p queued, gains)
             state["adaptive"] = self.adaptive.adaptive_state()
-        if self.elastic is not None:  # where the run stands in the pool: version, its teachers, the live ones
-            state["pool"] = {"version": self.elastic.version, "members": list(self.elastic.members),
+        if self.elastic is not None:  # where the run stands in the pool: which serving, version, teachers, live
+            state["pool"] = {"identity": self.elastic.identity, "version": self.elastic.version,
+                             "members": list(self.elastic.members), "names": list(self.names),
                              "live": list(self._live)}
         return state
 
@@ -297,13 +291,17 @@ class KnowledgeFeed:
         by this run's `reweigh`, so an exploited trial keeps its own family settings), and the changes
         recorded after `state["step"]`, to be applied again at the same steps."""
         pool = state.get("pool")
+        start = int(state.get("step", 0))
         if self.elastic is not None and pool is not None:
-            self.elastic.restore(pool["version"], pool["members"])
-            self._live = list(pool["live"])
+            latest = self.agree([], self.elastic.latest())[1]  # every rank follows the same version
+            if pool.get("identity", self.elastic.identity) != self.elastic.identity or pool["version"] > latest:
+                self._rebase(start, pool, latest)  # served anew since the checkpoint: follow it as it is now
+            else:
+                self.elastic.restore(pool["version"], pool["members"])
+                self._live = list(pool["live"])
             if self.sampler is not None:
                 self.sampler.set_probs(self.reweigh(self.source.infos, self._live) if self.reweigh
                                        else self.sampler.padded(len(self.names)))
-        start = int(state.get("step", 0))
         if self.elastic is not None and self.key is not None:
             self.replay = {s: v for s, v in self.elastic.recorded(self.key).items() if s > start}
         if self.elastic is not None and pool is not None and not self._drawable() and start not in self.replay:
@@ -321,6 +319,32 @@ class KnowledgeFeed:
             if self.elastic is not None and self.adaptive.support != sorted(self._live):  # followed the pool above
                 self.sampler.set_probs(self.reweigh(self.source.infos, self._live) if self.reweigh
                                        else self.sampler.padded(len(self.names)))
+
+    def _rebase(self, step: int, pool: dict[str, Any], version: int) -> None:
+        """The checkpoint's pool was stopped and served anew (another identity, or, for a checkpoint older than
+        identities, a version past the pool's newest): follow the new one from `version`, the run's teachers
+        found by name (`ServedPool.rebase`); those live before and not now leave, those live now and not before
+        join (events at 0-based `step`)."""
+        before = set(pool["live"])
+        self.elastic.rebase(pool.get("names") or self.names[: len(pool["members"])], version)
+        now = set(self.elastic.live())
+        self._live = sorted(before & now)
+        detail = f"pool served anew, version {self.elastic.version}"
+        for k in sorted(before - now):
+            self.events.append((step, "leave", k, detail))
+        for k in sorted(now - before):
+            self._join(step, k, detail)
+
+    def _join(self, step: int, k: int, detail: str) -> None:
+        """Teacher k serves the run from 0-based `step` (unless its width has no projection in this run)."""
+        width = self.source.infos[k].hidden_size
+        if self.widths is not None and width not in self.widths:
+            self.events.append((step, "skip", k, f"{detail}: hidden size {width} has no projection in this run "
+                                                 f"(widths {sorted(self.widths)})"))
+            return
+        self._live = sorted(set(self._live) | {k})
+        self.lost.pop(k, None)
+        self.events.append((step, "join", k, detail))
 
     def _drawable(self) -> bool:
         """Whether some live teacher can be asked (and, for skd, has probability > 0)."""

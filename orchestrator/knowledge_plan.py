@@ -124,6 +124,11 @@ def cache_fingerprint(cfg: SkdConfig, inputs: Inputs, teachers: list[TeacherInfo
     }
 
 
+VERIFY_CONTENTS_BYTES = 2 << 30
+"""Caches up to this size (bytes) have every shard's SHA-256 checked on the driver before a run (about 2 s
+per GB); larger ones when a worker first reads each shard, or in full with `skd cache verify`."""
+
+
 def _checked_cache_fingerprint(path: Path, fingerprint: dict[str, Any], request: KnowledgeRequest) -> dict[str, Any]:
     """Open the cache once and check it serves `request`; returns the fingerprint the workers check.
 
@@ -132,12 +137,15 @@ def _checked_cache_fingerprint(path: Path, fingerprint: dict[str, Any], request:
     selection setting to match.
 
     Raises:
-        CacheError: the cache is missing, partial or built for another setup.
+        CacheError: the cache is missing, partial, damaged (a shard of another size or SHA-256 than built) or
+            built for another setup.
     """
     from actors.cache import KnowledgeCache
 
-    built = KnowledgeCache.open(path)  # missing or partial caches fail here
+    built = KnowledgeCache.open(path)  # missing, partial or truncated caches fail here
     try:
+        if (built.manifest.get("total_bytes") or 0) <= VERIFY_CONTENTS_BYTES:
+            built.verify(contents=True)  # a damaged shard is refused before Ray starts (larger: on first read)
         cached = built.manifest["fingerprint"].get("request", {})
         wanted = dict(fingerprint["request"])
         if not request.needs_layers and cached.get("wire_dtype") == wanted["wire_dtype"]:

@@ -140,10 +140,15 @@ def input_example(cfg: SkdConfig) -> str | list[dict[str, str]] | None:
 
 
 def cache_digest(path: Path) -> str:
-    """16 hex characters of SHA-256 over a cache folder's fingerprint (what its knowledge depends on)."""
+    """16 hex characters of the cache's `content_sha256` (SHA-256 over every shard's bytes and the example
+    ids, recorded by `skd cache build`): two caches differ here whenever their contents differ. A cache
+    built before contents were digested gives SHA-256 over its fingerprint (what its knowledge depends on)."""
     from actors.cache.format import read_manifest
 
-    blob = json.dumps((read_manifest(path) or {}).get("fingerprint"), sort_keys=True).encode()
+    manifest = read_manifest(path) or {}
+    if manifest.get("content_sha256"):
+        return manifest["content_sha256"][:16]
+    blob = json.dumps(manifest.get("fingerprint"), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

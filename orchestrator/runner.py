@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import ray
 
-from actors.errors import SkdError, TeachersLostError
+from actors.errors import NonFiniteError, SkdError, TeachersLostError
 from actors.knowledge import KnowledgeSource
 from orchestrator import console, lineage, tracking
 from orchestrator.config import SkdConfig
@@ -109,7 +109,7 @@ def distill_spec(plan: RunPlan, source: KnowledgeSource | None, *, stop_after: i
         source, plan.strategy, plan.probs, plan.names, plan.knowledge, d.alpha, d.temperature, d.prefetch, reweigh,
         adaptive, d.transfer_weight)
     run = RunSettings(plan.steps, int(cfg.ray.cpus_per_worker), d.log_every, d.eval_batch_size, d.gsnr_every,
-                      d.gsnr_probe_size, stop_after, resume_from, plan.best_teacher_metric)
+                      d.gsnr_probe_size, stop_after, resume_from, plan.best_teacher_metric, nonfinite=d.nonfinite)
     return WorkerSpec(task, Optimisation(d.lr, d.batch_size, d.warmup_ratio, d.weight_decay, d.seed), knowledge, run)
 
 
@@ -216,6 +216,34 @@ def _outputs(client, uri: str, out: RunResult, result, model_out: Path,
         _warn_on_failure(client, run_id, "plots", plots)
 
 
+def _fit(cfg: SkdConfig, trainer, control, ray_name: str, run_id: str):
+    """(result, interrupted) of `trainer.fit()`. A worker's failure, raised (`TrainingFailedError`) or left
+    with `control` as one a restart cannot fix (`failures.fatal_report`), becomes one `WorkerFailedError`
+    line naming the cause and the log file with the tracebacks (`<output_dir>/logs/<ray run>.log`);
+    checkpoint folders this attempt cut off mid-write are removed first."""
+    from ray.train import TrainingFailedError
+
+    from orchestrator import failures
+    from orchestrator.checkpointing import MANIFEST_FILE, verify_checkpoint
+
+    folder, log = cfg.storage_path() / ray_name, cfg.out_dir() / "logs" / f"{ray_name}.log"
+    began = time.time() - 1.0  # folders this attempt wrote are at least this new
+
+    def resumable() -> bool:
+        """Cut-off checkpoints removed; whether one that verifies is left for --resume."""
+        failures.drop_unfinished_checkpoints(folder, MANIFEST_FILE, began)
+        return any(p.is_dir() and verify_checkpoint(p) is None for p in folder.glob("checkpoint_*"))
+
+    try:
+        result, interrupted = run_interruptible(trainer.fit, control)
+    except TrainingFailedError as exc:
+        raise failures.worker_failure(exc, log, run_id, resumable(), folder) from None
+    reported = ray.get(control.failure.remote())
+    if reported:
+        raise failures.fatal_failure(reported, log, run_id, resumable())
+    return result, interrupted
+
+
 def _drop_checkpoints(cfg: SkdConfig, ray_name: str, out: RunResult) -> None:
     """Remove a finished run's Ray Train folder (`<ray.storage_path>/<ray_name>`, created by this run: its name
     carries the MLflow run id) once its model is saved to `out.model_dir`; `out.checkpoint` becomes None.
@@ -274,7 +302,9 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
     Raises:
         SkdError: `resume` with no unfinished run to continue, or `model_out` exists and skd did not write it.
         TeachersLostError: every teacher was lost; the run wrote a checkpoint and is marked FAILED.
-        ray.train.TrainingFailedError (and others): training failed; the MLflow run is marked FAILED.
+        NonFiniteError: a non-finite step under `distill.nonfinite: stop`; checkpoint written, run FAILED.
+        WorkerFailedError: a student worker failed (one line: the cause, the traceback's log file); the MLflow
+            run is marked FAILED.
     """
     check_output(model_out)  # before the MLflow run and the trainer: refuse a folder skd did not create
     uri = cfg.tracking_uri()
@@ -292,7 +322,7 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         trainer = _trainer(cfg, spec, ray_name, use_gpu, report_to_tune)
         started = time.perf_counter()
         with console.display().phase(run_name, total=spec.run.steps.total):
-            result, interrupted = run_interruptible(trainer.fit, control)
+            result, interrupted = _fit(cfg, trainer, control, ray_name, run_id)
         names = spec.knowledge.names if spec.knowledge is not None else []
         out = _summary(run_id, run_name, result, names, time.perf_counter() - started)
         out.interrupted = interrupted and out.status != "FINISHED"  # a signal in the last steps: finished
@@ -301,6 +331,12 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
             raise TeachersLostError(f"{lost}. The run stopped with a checkpoint after step {out.steps} (MLflow run "
                                     f"{run_id}, marked FAILED); once the teachers can run again, continue it with "
                                     f"--resume")
+        nonfinite = (result.metrics or {}).get("nonfinite")
+        if nonfinite:
+            raise NonFiniteError(f"{nonfinite}. The run stopped with a checkpoint of its last finite state, after "
+                                 f"step {out.steps} (MLflow run {run_id}, marked FAILED); lower distill.lr, fix or "
+                                 f"rebuild what the message names, or set distill.nonfinite=skip, then continue it "
+                                 f"with --resume")
         began = time.perf_counter()
         _outputs(client, uri, out, result, model_out, figures, register_as, card, lambda: lineage.input_example(cfg),
                  headline)

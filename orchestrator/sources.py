@@ -56,7 +56,11 @@ def open_source(plan: RunPlan, resources: Resources | None = None, active: list[
     if plan.knowledge.cache is not None:
         from actors.cache import CacheReader
 
+        from orchestrator.knowledge_plan import VERIFY_CONTENTS_BYTES
+
         source: KnowledgeSource = CacheReader.open(plan.knowledge.cache, plan.knowledge.fingerprint)
+        # the plan checked every shard's SHA-256 of a cache this small moments ago: workers skip it per shard
+        source.cache.contents_checked = (source.cache.manifest.get("total_bytes") or 0) <= VERIFY_CONTENTS_BYTES
     elif plan.cfg.teachers.pool:
         from actors.served import ServedPool
 

@@ -97,6 +97,7 @@ class RunSettings:
         control: the driver's `orchestrator.control.RunControl` actor (stop on Ctrl-C); None: no control.
         spill_dir: where rank 0 keeps metrics while MLflow is unreachable (`<output_dir>/metrics-spill`).
         system_metrics_s: seconds between MLflow system-metric samples on each worker (0: off).
+        nonfinite: "stop" or "skip" a step with a non-finite loss or gradient (`distill.nonfinite`).
     """
 
     steps: StepPlan
@@ -113,6 +114,7 @@ class RunSettings:
     control: Any = None
     spill_dir: str = ""
     system_metrics_s: float = 0.0
+    nonfinite: str = "stop"
 
 
 @dataclass(frozen=True)

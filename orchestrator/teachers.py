@@ -72,7 +72,8 @@ def _finetune(cfg: SkdConfig, inputs: Inputs, member: TeacherMember, out_dir: Pa
     task = TrainTask(resolve_model(member.init), member.num_layers, inputs.tokenizer_init, inputs.spec,
                      ray.put(inputs.train), ray.put(inputs.dev), inputs.pad_id)
     spec = WorkerSpec(task, Optimisation(ft.lr, ft.batch_size, ft.warmup_ratio, ft.weight_decay, ft.seed), None,
-                      RunSettings(steps, threads, d.log_every, d.eval_batch_size, d.gsnr_every, d.gsnr_probe_size))
+                      RunSettings(steps, threads, d.log_every, d.eval_batch_size, d.gsnr_every, d.gsnr_probe_size,
+                                  nonfinite=d.nonfinite))
     params = {**flatten(ft, "finetune."), "teacher.name": member.name, "teacher.init": member.init,
               "teacher.num_layers": str(member.num_layers), "task": cfg.task, **flatten(cfg.data, "data.")}
     res = run_training(cfg, spec, run_name=f"teacher-{member.name}", model_out=out_dir, params=params,

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Iterable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow prints "View run <name> at: <tracking uri>/#/..." when a run against a server ends, credentials
+# (http://user:password@host) included; skd prints its own link instead, credentials left out (`browse_hint`).
+os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402

@@ -24,6 +24,7 @@ import torch
 
 from actors.errors import TeachersLostError
 from actors.knowledge import Knowledge
+from orchestrator.checkpointing import newest_verified
 from orchestrator.data import StepBatches, is_labelled
 from orchestrator.console import progress_line
 from orchestrator.control import StopPoller
@@ -78,6 +79,8 @@ class DistillRecipe:
         self.trainer.prepare()
         spill = Path(run.spill_dir) / f"{run.run_id}.jsonl" if run.spill_dir else None
         self.logger = MetricLogger(run.tracking_uri, run.run_id, enabled=self.rank == 0, spill_path=spill)
+        if self.refused:  # a resume that passed over checkpoints that do not verify
+            self.logger.set_tag("skd.checkpoint_refused", f"resumed at step {self.start}; " + "; ".join(self.refused))
         self.stop = StopPoller(run.control)
         self.system = start_system_metrics(run.run_id, run.tracking_uri, self.rank, self.world,
                                            run.system_metrics_s if run.run_id else 0, resumed=self.start > 0)
@@ -106,18 +109,29 @@ class DistillRecipe:
         return [k for k, flag in enumerate(values[:-1]) if flag], values[-1]
 
     def _resume(self) -> int:
-        """The first step to train: 0, or the step of Ray Train's latest (else the explicit) checkpoint."""
+        """The first step to train: 0, or the step of Ray Train's latest (else the explicit) checkpoint. A
+        checkpoint is verified against its manifest first (`checkpointing.newest_verified`); one that fails
+        is passed over for the newest earlier one of the run that verifies (said on the console, tagged
+        `skd.checkpoint_refused` in MLflow), and with none left `CheckpointError` names each file at fault."""
+        self.refused: list[str] = []
+        self.skipped = 0  # non-finite steps skipped so far (`distill.nonfinite: skip`), kept in checkpoints
         checkpoint = ray.train.get_checkpoint()
+        others = _sibling_checkpoints(checkpoint) if checkpoint is not None else []  # not beside resume_from
         if checkpoint is None and self.spec.run.resume_from:
             checkpoint = ray.train.Checkpoint.from_directory(self.spec.run.resume_from)
         if checkpoint is None:
             self.feed.start_fresh()
             return 0
         with checkpoint.as_directory() as path:
-            state = self.trainer.load(Path(path))
+            folder, self.refused = newest_verified(Path(path), others)
+            state = self.trainer.load(folder)
         self.feed.load_state_dict(state)
+        self.skipped = int(state.get("nonfinite_skipped", 0))
         if self.rank == 0:
-            print(f"[skd] resumed at step {state['step']}/{self.spec.run.steps.total}", flush=True)
+            for why in self.refused:
+                print(f"[skd] checkpoint refused, {why}", flush=True)
+            print(f"[skd] resumed at step {state['step']}/{self.spec.run.steps.total}"
+                  + (f" from {folder}" if self.refused else ""), flush=True)
         return int(state["step"])
 
     def train(self) -> None:
@@ -142,6 +156,8 @@ class DistillRecipe:
             self._log_changes()
             terms = self.trainer.update(batch, out, knowledge, stage)
             done = step + 1
+            if not self.trainer.last_step_finite and self._nonfinite(done, batch, knowledge, terms):
+                return
             if self.probe is not None and done % self.spec.knowledge.adaptive.every == 0:
                 self._adapt(done)
             self.samples += len(batch["ids"]) * self.world
@@ -158,6 +174,30 @@ class DistillRecipe:
                     print(f"[skd] stopped after step {done} {why}, with a checkpoint; continue with --resume",
                           flush=True)
                 return
+
+    def _nonfinite(self, done: int, batch: dict[str, np.ndarray], knowledge: Knowledge | None,
+                   terms: dict[str, torch.Tensor]) -> bool:
+        """Step `done` (1-based) left the weights as they were: its loss or gradient was NaN/inf (on some
+        rank). Names the cause (this rank's loss, its teacher's non-finite answer and the example ids of those
+        rows). `distill.nonfinite: skip` counts it (`train/nonfinite_skipped`) and goes on (False); `stop`
+        reports a checkpoint of the unchanged weights at `done`, carrying the cause for the driver
+        (`NonFiniteError`), and ends the loop (True)."""
+        why = f"step {done}: the loss is {terms['loss'].item():g}, the gradient norm {self.trainer.grad_norm:g}"
+        rows = knowledge.nonfinite_rows() if knowledge is not None else []
+        if len(rows):
+            ids = [int(i) for i in np.asarray(batch["ids"])[rows]]
+            who = (f"teacher {self.names[knowledge.teacher]}" if knowledge.teacher >= 0 else
+                   f"the averaged teachers ({', '.join(self.names[k] for k in self.feed.live())})")
+            why += (f"; {who} answered NaN/inf for {len(ids)} rows (example ids "
+                    f"{ids[:8]}{' ...' if len(ids) > 8 else ''})")
+        self.skipped += 1
+        if self.spec.run.nonfinite == "skip":
+            self.logger.log({"train/nonfinite_skipped": self.skipped}, done)
+            if self.rank == 0:
+                print(f"[skd] skipped {why} (distill.nonfinite: skip; {self.skipped} so far)", flush=True)
+            return False
+        self._report(done, checkpoint=True, extra={"nonfinite": why}, evaluate=False)
+        return True
 
     def _interrupted(self, step: int) -> bool:
         """Whether the driver asked to stop (polled every step without waiting, decided every `log_every`
@@ -278,7 +318,8 @@ class DistillRecipe:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if checkpoint and self.rank == 0:
-                self.trainer.save(Path(tmp), {"step": step, **self.feed.state_dict()})
+                self.trainer.save(Path(tmp), {"step": step, "nonfinite_skipped": self.skipped,
+                                              **self.feed.state_dict()})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
         self.spent["report"] += time.perf_counter() - began
@@ -314,11 +355,34 @@ class DistillRecipe:
         self.logger.close()
 
 
+def _sibling_checkpoints(checkpoint) -> list[Path]:
+    """The other checkpoints of a Ray Train run on a local filesystem (the `checkpoint_*` folders beside
+    `checkpoint`), the fall-backs of a resume whose newest checkpoint does not verify; none elsewhere."""
+    import pyarrow.fs
+
+    if not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return []
+    here = Path(checkpoint.path)
+    return [p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p != here]
+
+
 def train_loop(spec: WorkerSpec) -> None:
-    """Ray Train worker entry point: set up, train, clean up (see the module docstring)."""
+    """Ray Train worker entry point: set up, train, clean up (see the module docstring). An error a restart
+    cannot fix (`failures.cannot_restart`: a checkpoint or cache that does not verify, a full disk) on a
+    single-worker run is left with the driver's `RunControl` (`failures.fatal_report`) instead of raised, so
+    Ray Train does not restart into it; with several workers it is raised (the others may wait in a
+    collective) and the driver still shows it as one line."""
+    from orchestrator.failures import cannot_restart, fatal_report
+
     recipe = DistillRecipe(spec)
-    recipe.setup()
     try:
-        recipe.train()
-    finally:  # the metrics of the steps trained reach MLflow even when a step fails
-        recipe.cleanup()
+        recipe.setup()
+        try:
+            recipe.train()
+        finally:  # the metrics of the steps trained reach MLflow even when a step fails
+            recipe.cleanup()
+    except Exception as exc:  # noqa: BLE001  (re-raised unless a restart cannot fix it)
+        control = spec.run.control
+        if control is None or not cannot_restart(exc) or ray.train.get_context().get_world_size() > 1:
+            raise
+        ray.get(control.fail.remote(fatal_report(exc)))  # the driver reads it after fit() returns

@@ -19,7 +19,7 @@ import torch
 
 from actors.knowledge import Knowledge
 from orchestrator.checkpointing import (PROJECTION_FILE, load_module_state, load_training_state, model_state,
-                                        save_module_state, save_training_state)
+                                        save_module_state, save_training_state, write_manifest)
 from orchestrator.data import Encoded, TaskSpec, is_labelled
 from orchestrator.losses import HiddenProjection, as_tensor, distillation_loss, ir_loss_terms
 from orchestrator.metrics import glue_metrics
@@ -82,6 +82,7 @@ class StudentTrainer:
         from actors.models import load_classifier, load_tokenizer
 
         self.spec, self.device, self.world = spec, device, world
+        self.grad_norm = 0.0  # the last step's gradient norm before clipping (`_step_optimizer`)
         task, kn = spec.task, spec.knowledge
         request = kn.plan.request if kn is not None else None
         outputs = set(request.outputs) if request is not None else set()
@@ -136,10 +137,12 @@ class StudentTrainer:
         return state
 
     def save(self, folder: Path, state: dict[str, Any]) -> None:
-        """Write model (save_pretrained + tokenizer), optimizer, schedule, projection and `state` (JSON)."""
+        """Write model (save_pretrained + tokenizer), optimizer, schedule, projection and `state` (JSON), then
+        the manifest of sizes and SHA-256s (`checkpointing.write_manifest`) that a resume verifies."""
         save_training_state(folder, self.core, self.tokenizer, self.optimizer, self.scheduler, state)
         if self.projection is not None:
             save_module_state(folder, PROJECTION_FILE, self.projection)
+        write_manifest(folder)  # last: a folder without it was never finished
 
     def forward(self, batch: dict[str, np.ndarray], stage: Stage):
         """The student's forward pass on the worker's batch (run while the teacher's answer is on its way).
@@ -190,20 +193,30 @@ class StudentTrainer:
             terms.update({f"loss_{k}": v for k, v in extra.items()})
             terms["loss"] = terms["loss"] + sum(kn.plan.weights.get(k, 1.0) * v for k, v in extra.items())
         terms["loss"].backward()
-        self._step_optimizer()
+        self.grad_norm = self._step_optimizer()
         return terms
 
-    def _step_optimizer(self) -> None:
-        """Average the projection's gradients over workers (it is outside DDP), clip to norm 1, step."""
+    def _step_optimizer(self) -> float:
+        """Average the projection's gradients over workers (it is outside DDP), clip to norm 1, step; returns
+        the gradient norm before clipping. A non-finite norm (a NaN/inf loss or gradient on any rank: DDP
+        averages the gradients, so every rank sees the same norm) steps neither the optimizer nor the
+        schedule: the weights stay as they were (`last_step_finite` False)."""
         if self.projection is not None and self.world > 1:
             for p in self.projection.parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= self.world
-        torch.nn.utils.clip_grad_norm_(self.trained, 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.trained, 1.0))
+        if math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @property
+    def last_step_finite(self) -> bool:
+        """Whether the last `update` changed the weights (its gradient norm was finite)."""
+        return math.isfinite(self.grad_norm)
 
     def probe_loss(self, batch: dict[str, np.ndarray]) -> float:
         """The student's loss on labels for a fixed probe batch (`input_ids`, `attention_mask` [B, L],

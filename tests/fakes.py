@@ -83,6 +83,7 @@ class FakeElastic(FakeSource):
         self.pool_infos, self.versions, self.records = infos, versions, {}
         self.version, self.published = 0, 0
         self.members = list(versions[0])
+        self.identity = "serving-1"  # another value: the pool was served anew (versions from 0 again)
 
     @property
     def names(self) -> list[str]:
@@ -115,6 +116,10 @@ class FakeElastic(FakeSource):
 
     def restore(self, version: int, members: list[int]) -> None:
         self.version, self.members = version, list(members)
+
+    def rebase(self, names: list[str], version: int) -> None:
+        by_name = {t.name: i for i, t in enumerate(self.pool_infos)}
+        self.version, self.members = version, [by_name[n] for n in names]
 
     def record(self, key: str, step: int, version: int) -> None:
         self.records.setdefault(key, {})[step] = version

@@ -167,10 +167,10 @@ def test_corrupt_shard_is_rewritten(tmp_path):
     garbage.write_bytes(b"not a safetensors file")
     (path / "t2" / "shard-00000.safetensors").write_bytes(b"")
     (path / "t4" / f".shard-00002.safetensors.tmp-{os.getpid() + 1}").write_bytes(b"half")  # killed mid-write
-    with pytest.raises(CacheError, match="truncated"):
-        KnowledgeCache.open(path).knowledge(0, np.array([20]), 12)
-    with pytest.raises(CacheError, match="cannot be read"):
-        KnowledgeCache.open(path).knowledge(1, np.array([2]), 12)
+    with pytest.raises(CacheError, match=r"damaged: cache shard \S+/t4/shard-00001.safetensors has \d+ bytes, \d+ "
+                                         r"when built; cache shard \S+/t2/shard-00000.* and 1 more|"
+                                         r"damaged: .*t4/shard-00001.*t2/shard-00000.*t2/shard-00003.*rewrites only"):
+        KnowledgeCache.open(path)  # sizes are checked at open: before any read
 
     writer, ref = build(path, finalize=False, shards={})
     assert writer.missing("t4") == [1] and writer.missing("t2") == [0, 3]
@@ -182,6 +182,32 @@ def test_corrupt_shard_is_rewritten(tmp_path):
     ids = np.array([16, 31, 48, 49, 0])
     for t, name in enumerate(cache.teacher_names):
         assert_rows(cache.knowledge(t, ids, 12), ref[name], ids, 12)
+
+
+def test_flipped_bits_in_a_shard_are_found_by_its_digest_and_only_that_shard_is_rewritten(tmp_path):
+    path = tmp_path / "c"
+    build(path)
+    manifest = KnowledgeCache.open(path).manifest
+    before = manifest["content_sha256"]
+    assert len(manifest["per_teacher"]["t2"]["shards"]) == 4 and len(before) == 64
+    shard = path / "t2" / "shard-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40  # one exponent bit of the last value: same size, same header
+    shard.write_bytes(bytes(data))
+    cache = KnowledgeCache.open(path)  # sizes hold: opens
+    cache.knowledge(1, np.array([5]), 12)  # another shard reads
+    with pytest.raises(CacheError, match=r"t2/shard-00002.safetensors does not match its SHA-256.*skd cache build"):
+        cache.knowledge(1, np.array([40]), 12)  # rows 32-47
+    with pytest.raises(CacheError, match=r"damaged: cache shard \S+/t2/shard-00002.safetensors does not match"):
+        KnowledgeCache.open(path).verify()
+    writer, _ = build(path, finalize=False, shards={})
+    assert writer.missing("t2") == [2] and writer.missing("t4") == []
+    build(path, shards={"t2": [2]})
+    cache = KnowledgeCache.open(path)
+    cache.verify()
+    assert cache.manifest["content_sha256"] == before  # the same arrays written again: the same contents
+    build(tmp_path / "other", seed=1)
+    assert KnowledgeCache.open(tmp_path / "other").manifest["content_sha256"] != before  # same setup, other bytes
 
 
 def test_fingerprint_mismatch_lists_each_key(tmp_path):

@@ -136,13 +136,22 @@ def test_skd_without_ray_address_starts_its_own_ray_beside_this_one_and_attaches
     config = cluster["tmp"] / "beside.yaml"
     config.write_text(yaml.safe_dump(raw))
     skd = str(Path(sys.executable).parent / "skd")
+    started_at = __import__("time").time()
     own = subprocess.run([skd, "teachers", "prepare", "-c", str(config)], capture_output=True, text=True, timeout=600,
                          env={**__import__("os").environ, "RAY_ADDRESS": ""})
     assert own.returncode == 0, own.stdout[-2000:] + own.stderr[-2000:]  # prepared teachers: reused, no Ray needed
+    # credentials in the tracking URI (the server ignores them) never reach the console or skd's files
+    secret = "s3cret-pw"
+    uri = raw["mlflow"]["tracking_uri"].replace("http://", f"http://skd-user:{secret}@")
     started = subprocess.run([skd, "distill", "-c", str(config), "--set", "mlflow.run_name=beside",
-                              "--set", "distill.max_steps=2"], capture_output=True, text=True, timeout=600)
+                              "--set", f"mlflow.tracking_uri={uri}", "--set", "distill.max_steps=2"],
+                             capture_output=True, text=True, timeout=600)
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     assert "Started a local Ray instance" in started.stdout + started.stderr
+    assert secret not in started.stdout + started.stderr and "View run" not in started.stdout
+    assert f"browse: open {raw['mlflow']['tracking_uri']}/#/experiments/" in started.stdout  # skd's own link
+    written = [f for f in Path(raw["output_dir"]).rglob("*") if f.is_file() and f.stat().st_mtime > started_at]
+    assert written and not [f for f in written if secret.encode() in f.read_bytes()]
     attached = subprocess.run([skd, "distill", "-c", str(config), "--set", f"ray.address={cluster['address']}",
                                "--set", "ray.num_cpus=null", "--set", "mlflow.run_name=attached",
                                "--set", "distill.max_steps=2", *[a for s in ON_NODES for a in ("--set", s)]],

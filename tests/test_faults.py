@@ -97,6 +97,77 @@ def test_every_teacher_lost_checkpoints_fails_clearly_and_resume_finishes(env):
     assert sum(out.counts.values()) == 12 * 8
 
 
+def test_a_corrupt_newest_checkpoint_is_passed_over_on_resume_and_none_left_is_one_clear_error(env):
+    import re
+    from pathlib import Path
+
+    from orchestrator.failures import WorkerFailedError
+
+    steps = ("distill.max_steps=12", "distill.checkpoint_every=4", "distill.eval_every=12",
+             "mlflow.run_name=corrupt-checkpoint")
+    first = run_distill(env["cfg"](*steps), stop_after=8)
+    assert first.status == "KILLED" and first.steps == 8
+    weights = Path(first.checkpoint) / "model" / "model.safetensors"  # step 8's, the newest
+    weights.write_bytes(weights.read_bytes()[:-64])
+    second = run_distill(env["cfg"](*steps), resume=True, stop_after=10)
+    client = env["client"]
+    assert second.run_id == first.run_id and second.status == "KILLED" and second.steps == 10
+    tag = client.get_run(second.run_id).data.tags["skd.checkpoint_refused"]
+    assert tag.startswith("resumed at step 4; step 8: ") and f"{weights.name} has" in tag and "when written" in tag
+    logged = [m.step for m in client.get_metric_history(second.run_id, "train/loss")]
+    assert logged.count(5) == 2 and logged.count(9) == 1  # steps 5-8 trained again from step 4's checkpoint
+    for folder in [d for d in Path(second.checkpoint).parent.glob("checkpoint_*") if d.is_dir()]:  # all damaged
+        state = folder / "trainer_state.json"
+        state.write_text(state.read_text().replace('"step"', '"step" '))
+    with pytest.raises(WorkerFailedError, match=r"no checkpoint of this run can be trusted: step \d+: .*"
+                                                r"trainer_state.json has .*Ray Train did not restart.*Traceback: ") \
+            as caught:
+        run_distill(env["cfg"](*steps), resume=True)
+    log = Path(re.search(r"Traceback: (\S+)$", str(caught.value)).group(1))
+    assert log.parent == env["cfg"]().out_dir() / "logs" and "CheckpointError" in log.read_text()
+    assert client.get_run(first.run_id).info.status == "FAILED"
+
+
+def test_a_teacher_answering_nan_stops_the_run_with_a_checkpoint_naming_it_or_is_skipped(env):
+    """A teacher whose weights went NaN (a real corrupt file, served by its actor): `distill.nonfinite: stop`
+    ends the run FAILED with a checkpoint and no student, naming the teacher and rows; `skip` skips each step."""
+    import dataclasses
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from actors.errors import NonFiniteError
+    from actors.manifest import read_manifest, write_manifest
+    from orchestrator.checkpointing import verify_checkpoint
+
+    teachers = read_manifest(env["cfg"]().manifest_path())
+    t2 = next(t for t in teachers if t.name == "t2")
+    bad = env["tmp"] / "t2-nan"
+    shutil.copytree(t2.checkpoint, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    key = next(k for k in tensors if k.startswith("classifier.") and k.endswith("weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    manifest = env["tmp"] / "nan-teachers.json"
+    write_manifest(manifest, [dataclasses.replace(t, checkpoint=str(bad)) if t is t2 else t for t in teachers])
+    steps = ("distill.max_steps=6", "distill.strategy=single:t2", f"teachers.manifest={manifest}")
+    cfg = env["cfg"](*steps, "mlflow.run_name=nan-teacher")
+    with pytest.raises(NonFiniteError, match=r"step 1: the loss is nan, the gradient norm nan; teacher t2 answered "
+                                             r"NaN/inf for 8 rows \(example ids \[\d+, .*last finite state"):
+        run_distill(cfg)
+    client = env["client"]
+    [run] = client.search_runs([client.get_experiment_by_name("skd-test").experiment_id],
+                               "tags.`mlflow.runName` = 'nan-teacher'")
+    assert run.info.status == "FAILED" and not (cfg.out_dir() / "students" / "nan-teacher").exists()
+    checkpoints = [d for d in Path(cfg.storage_path()).glob(f"nan-teacher-{run.info.run_id[:8]}/checkpoint_*")
+                   if d.is_dir()]
+    assert checkpoints and all(verify_checkpoint(c) is None for c in checkpoints)  # finite weights: resumable
+    skipped = run_distill(env["cfg"](*steps, "distill.nonfinite=skip", "mlflow.run_name=nan-skip"))
+    assert skipped.status == "FINISHED" and skipped.steps == 6
+    assert history(client, skipped.run_id, "train/nonfinite_skipped") == [(s, float(s)) for s in range(1, 7)]
+
+
 def test_a_killed_student_worker_restarts_from_the_checkpoint_with_the_same_teacher_sequence(env):
     steps = ("distill.max_steps=160", "distill.eval_every=80", "distill.checkpoint_every=20")
     reference = run_distill(env["cfg"](*steps, "mlflow.run_name=worker-ref"))

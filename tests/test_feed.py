@@ -330,6 +330,27 @@ def test_a_run_stopped_with_no_teacher_left_resumes_on_the_teachers_added_since(
     assert resumed.live() == [2] and source.records["run-1"][5] == 3
 
 
+def test_a_run_resumed_on_a_pool_served_anew_follows_it_by_name_not_by_its_old_version():
+    source = Elastic([[0, 1], [0, 1, 2], [1, 2]])
+    f = elastic_feed(source)
+    source.published = 2  # t2 joins and t0 leaves before step 1: version 2
+    for s in range(4):
+        f.next_knowledge(s)
+    state = json.loads(json.dumps({"step": 4, **f.state_dict()}))
+    assert state["pool"]["version"] == 2 and state["pool"]["names"] == ["t0", "t1", "t2"]
+    # `skd teachers stop`, then `serve` again: a new directory at version 0, its catalogue in another order,
+    # serving t1 and t0 (not t2)
+    anew = fakes.FakeElastic([fakes.FakeInfo(n) for n in ("t1", "t0", "t2")], [[0, 1]], source.answer,
+                             source.describe_call)
+    anew.identity = "serving-2"
+    resumed = elastic_feed(anew)
+    resumed.load_state_dict(state)
+    assert resumed.names == ["t0", "t1", "t2"] and anew.members == [1, 0, 2] and resumed.live() == [0, 1]
+    assert resumed.replay == {} and resumed.probs == pytest.approx([0.5, 0.5, 0.0])
+    assert [(s, kind, k) for s, kind, k, d in resumed.drain_events()] == [(4, "leave", 2), (4, "join", 0)]
+    assert {resumed.next_knowledge(s).teacher for s in range(4, 16)} == {0, 1}
+
+
 def test_begin_with_no_teacher_to_ask_leaves_the_error_to_the_step():
     from actors.errors import TeachersLostError
 

@@ -178,8 +178,20 @@ def test_ctrl_c_ends_the_whole_comparison_not_just_its_current_run(env, tmp_path
     assert client.search_runs([exp], "attributes.run_name = 'single-t2-s7'") == []
 
 
-def test_stop_removes_the_pool(env):
+def test_stop_removes_the_pool_and_a_run_resumes_on_the_pool_served_again(env):
+    cfg = env["cfg"]("distill.max_steps=20", "distill.eval_every=20", "distill.checkpoint_every=10",
+                     "mlflow.run_name=served-again")
+    first = run_distill(cfg, stop_after=10)  # on t2 (t4 left in an earlier test): pool version 2
+    assert first.status == "KILLED" and first.steps == 10
     with serving.connect(None, env["address"]):
         assert sorted(serving.stop("p")) == ["t2", "t3"]
     assert "p" not in pool_names()
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "skd-pool-p"]
+    serving.serve(env["cfg"]())  # t4 and t2 again: a new directory, its versions from 0
+    resumed = run_distill(cfg, resume=True)
+    assert resumed.status == "FINISHED" and resumed.run_id == first.run_id and resumed.steps == 20
+    tags = env["client"].get_run(first.run_id).data.tags
+    assert tags["skd.pool.join.t4"] == "step 11: pool served anew, version 0"
+    assert set(int(v) for _, v in history(env["client"], first.run_id, "train/teacher")[10:]) <= {0, 1}
+    with serving.connect(None, env["address"]):
+        assert sorted(serving.stop("p")) == ["t2", "t4"]

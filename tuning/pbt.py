@@ -19,7 +19,7 @@ from typing import Any
 from actors.errors import SkdError
 from actors.knowledge import KnowledgeSource
 from orchestrator import tracking
-from orchestrator.checkpointing import STATE_FILE
+from orchestrator.checkpointing import checkpoint_step
 from orchestrator.config_load import load_config
 from orchestrator.distill import run_distill
 from orchestrator.plan import StepPlan, make_plan
@@ -87,7 +87,7 @@ def pbt_trial_fn(config: dict[str, Any], *, base: dict[str, Any], pool: Knowledg
     checkpoint = tune.get_checkpoint()  # own (restored campaign) or a better trial's (PBT exploit)
     if checkpoint is not None:
         ckpt_dir = checkpoint.path  # in Tune's storage, which every node of a cluster reaches
-        start = int(json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["state"]["step"])
+        start = max(0, checkpoint_step(Path(ckpt_dir)))  # unreadable: the worker's verification names it
         if run_id is not None:
             client.set_tag(run_id, f"pbt.restored.step{start:06d}", checkpoint.path)
     previous_segment: Path | None = None

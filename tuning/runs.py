@@ -26,14 +26,14 @@ def list_runs(tracking_uri: str, experiment: str, console: Console, limit: int =
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
-        raise SkdError(f"no experiment {experiment!r} in {tracking_uri}; experiments there: {names}")
+        raise SkdError(f"no experiment {experiment!r} in {tracking.mask(tracking_uri)}; experiments there: {names}")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
     children: dict[str, list] = {}
     for r in runs:
         parent = r.data.tags.get("mlflow.parentRunId")
         if parent:
             children.setdefault(parent, []).append(r)
-    table = Table(title=f"MLflow experiment {experiment} ({tracking_uri})")
+    table = Table(title=f"MLflow experiment {experiment} ({tracking.mask(tracking_uri)})")
     for col in ("run", "kind", "status", "started", "dev metric", "retention", "GSNR", "run id"):
         table.add_column(col)
     shown = 0

@@ -17,10 +17,15 @@ it to L. The teacher layers serving the student layers (`layers`, [k]) are store
 manifest and in each shard's metadata.
 
 Writes are atomic (tmp file + `os.replace`), so a shard or manifest on disk is either whole or absent.
+`finalize` records every shard's size and file SHA-256 (`per_teacher.<name>.shards`) and `content_sha256`,
+a digest over the shards' tensors and the example ids: what the cache holds, not only what it was built
+from. Sizes are checked when a cache is opened, each shard's SHA-256 when it is first read
+(`KnowledgeCache.verify` checks all).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -120,6 +125,59 @@ def read_manifest(path: Path) -> dict | None:
         raise CacheError(f"{file} is not a knowledge-cache manifest (format != {FORMAT!r}); point --knowledge at "
                          f"a folder written by `skd cache build`")
     return data
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_sha256(path: Path) -> str:
+    """SHA-256 over a safetensors file's tensors (name, dtype, shape and bytes, by name) and its metadata
+    (sorted): what it holds, whatever order its header was written in (safetensors' header order varies
+    between processes, so identical knowledge can give files with other bytes)."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="numpy") as f:
+        digest.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for key in sorted(f.keys()):
+            value = f.get_tensor(key)
+            digest.update(f"{key}|{value.dtype}|{value.shape}|".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def content_digest(shards: dict[str, list[dict]], example_ids: str | None) -> str:
+    """SHA-256 over every shard's `tensors_sha256` (teacher by teacher, in shard order) and the example ids'
+    (`example_ids`, also a `tensors_sha256`): the cache's contents in one value, equal for caches that hold
+    the same knowledge, different for two of one fingerprint whose values differ."""
+    digest = hashlib.sha256()
+    for name, entries in shards.items():
+        digest.update(name.encode() + b"\0" + "".join(e["content"] for e in entries).encode())
+    digest.update((example_ids or "").encode())
+    return digest.hexdigest()
+
+
+def shard_problem(root: Path, manifest: dict, name: str, shard: int, contents: bool) -> str | None:
+    """Why shard `shard` of teacher `name` differs from what `finalize` recorded (missing, another size, and
+    with `contents` another SHA-256), or None. Caches finalized before digests were recorded pass."""
+    entries = manifest["per_teacher"][name].get("shards")
+    path = shard_path(root, name, shard)
+    if not path.is_file():
+        return f"cache shard {path} is missing"
+    if entries is None:
+        return None
+    want = entries[shard]
+    if path.stat().st_size != want["bytes"]:
+        return f"cache shard {path} has {path.stat().st_size} bytes, {want['bytes']} when built"
+    if contents and file_sha256(path) != want["sha256"]:
+        return f"cache shard {path} does not match its SHA-256 (changed or corrupted since it was built)"
+    return None
 
 
 def length_axes(key: str, tokens_follow_length: bool) -> list[int]:

@@ -19,7 +19,8 @@ import numpy as np
 
 from actors.cache.format import (EXAMPLE_IDS, INDEX_TENSORS, LAYERED, MANIFEST, OUTPUT_TENSORS, REBUILD, ST_DTYPES,
                                  TENSORS, VERSION, CacheError, CacheMismatchError, CacheNotFoundError,
-                                 PartialCacheError, diff, jsonable, length_axes, read_manifest, shard_path)
+                                 PartialCacheError, diff, jsonable, length_axes, read_manifest, shard_path,
+                                 shard_problem)
 from actors.knowledge import Knowledge, KnowledgeRequest, TokenBatch, average_logits
 
 
@@ -68,6 +69,7 @@ class KnowledgeCache:
         self.path = path
         self.manifest = manifest
         self._shards: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self.contents_checked = False  # every shard's SHA-256 checked already (`verify`): no check per shard
 
     @classmethod
     def open(cls, path: str | Path, expected_fingerprint: dict | None = None) -> "KnowledgeCache":
@@ -98,9 +100,26 @@ class KnowledgeCache:
             raise PartialCacheError(f"knowledge cache {path} is incomplete: its build was interrupted. Re-run "
                                     f"`skd cache build -c CONFIG`, which resumes it from the shards already written")
         cache = cls(path, manifest)
+        cache.verify(contents=False)  # every shard there, at the size it was built with
         if expected_fingerprint is not None:
             cache.check_fingerprint(expected_fingerprint)
         return cache
+
+    def verify(self, contents: bool = True) -> None:
+        """Check every shard against the sizes (and with `contents`, the SHA-256s) `finalize` recorded; reads
+        every byte with `contents` (about 2 s per GB on one core). Afterwards `contents_checked` spares each
+        shard's check on first read (it travels with the cache to the workers).
+
+        Raises:
+            CacheError: naming each shard at fault and the rebuild command (which rewrites only those).
+        """
+        problems = [p for name in self.teacher_names for s in range(self.manifest["num_shards"])
+                    if (p := shard_problem(self.path, self.manifest, name, s, contents))]
+        self.contents_checked = contents and not problems
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise CacheError(f"knowledge cache {self.path} is damaged: {shown}. {REBUILD[0].upper()}{REBUILD[1:]} "
+                             f"with the config it was built from: it rewrites only the damaged shards")
 
     def check_fingerprint(self, expected: dict) -> None:
         """Check the cache was built for `expected`, the fingerprint the current config would build
@@ -129,10 +148,11 @@ class KnowledgeCache:
         return load_file(str(path))["ids"]
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "manifest": self.manifest}
+        return {"path": self.path, "manifest": self.manifest, "contents_checked": self.contents_checked}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"], state["manifest"])
+        self.contents_checked = bool(state.get("contents_checked", False))
 
     @property
     def teacher_names(self) -> list[str]:
@@ -168,8 +188,9 @@ class KnowledgeCache:
         if key not in self._shards:
             name = self.teacher_names[teacher]
             path = shard_path(self.path, name, shard)
-            if not path.is_file():
-                raise CacheError(f"cache shard {path} is missing; {REBUILD} to rewrite it")
+            problem = shard_problem(self.path, self.manifest, name, shard, contents=not self.contents_checked)
+            if problem:
+                raise CacheError(f"{problem}; {REBUILD} to rewrite it")
             mapped = _MappedShard(path)
             spec = self.manifest["per_teacher"][name]["tensors"]
             rows = min(self.manifest["shard_size"], self.num_examples - shard * self.manifest["shard_size"])

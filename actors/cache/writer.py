@@ -18,8 +18,8 @@ from safetensors.numpy import save_file
 
 from actors.cache.format import (EXAMPLE_IDS, FORMAT, INDEX_TENSORS, LAYERED, MANIFEST, OUTPUT_TENSORS, REBUILD,
                                  ST_DTYPES, TENSORS, VERSION, CacheError, CacheMismatchError, PartialCacheError,
-                                 cache_summary, diff, jsonable, length_axes, read_manifest, shard_path,
-                                 write_atomic)
+                                 cache_summary, content_digest, diff, file_sha256, jsonable, length_axes,
+                                 read_manifest, shard_path, shard_problem, tensors_sha256, write_atomic)
 from actors.knowledge import Knowledge
 
 log = logging.getLogger(__name__)
@@ -145,10 +145,13 @@ class CacheWriter:
         return shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_examples)
 
     def _check_shard(self, name: str, shard: int) -> bool:
-        """True when the shard file exists and matches the manifest (names, dtypes, shapes, metadata)."""
+        """True when the shard file exists and matches the manifest (names, dtypes, shapes, metadata, and the
+        size and SHA-256 `finalize` recorded, where it did)."""
         path = shard_path(self.path, name, shard)
         spec = self.manifest["per_teacher"][name]
         if not path.is_file() or spec["tensors"] is None:
+            return False
+        if spec.get("shards") and shard_problem(self.path, self.manifest, name, shard, contents=True):
             return False
         start, end = self.rows(shard)
         try:
@@ -219,6 +222,7 @@ class CacheWriter:
                     "rows": f"{start}:{end}", "layers": json.dumps(layers)}
         path = shard_path(self.path, name, shard)
         self._valid[name].discard(shard)
+        self.manifest["per_teacher"][name].pop("shards", None)  # recorded again by `finalize`
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         self._valid[name].add(shard)
 
@@ -332,12 +336,17 @@ class CacheWriter:
         if missing:
             raise PartialCacheError(f"cannot finalize knowledge cache {self.path}: shards still missing {missing}; "
                                     f"write them first ({REBUILD} resumes the build)")
-        total = 0
+        total, shards = 0, {}
         for name in self.teacher_names:
-            size = sum(shard_path(self.path, name, s).stat().st_size for s in range(self.num_shards))
-            self.manifest["per_teacher"][name]["bytes"] = size
-            total += size
+            files = [shard_path(self.path, name, s) for s in range(self.num_shards)]
+            shards[name] = [{"bytes": f.stat().st_size, "sha256": file_sha256(f), "content": tensors_sha256(f)}
+                            for f in files]
+            self.manifest["per_teacher"][name].update(bytes=sum(e["bytes"] for e in shards[name]),
+                                                      shards=shards[name])
+            total += self.manifest["per_teacher"][name]["bytes"]
+        ids = self.path / EXAMPLE_IDS
         self.manifest.update(complete=True, total_bytes=total, bytes_per_example=total / self.num_examples,
-                             hsk_fraction=None if hsk_fraction is None else float(hsk_fraction))
+                             hsk_fraction=None if hsk_fraction is None else float(hsk_fraction),
+                             content_sha256=content_digest(shards, tensors_sha256(ids) if ids.is_file() else None))
         self._save()
         return cache_summary(self.path)

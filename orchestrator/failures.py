@@ -1,0 +1,124 @@
+"""Errors raised on a Ray Train worker, reaching the user once.
+
+A worker's error arrives at the driver wrapped (Ray Train's `WorkerGroupError` around a `RayTaskError`
+around the exception), with a traceback per wrapper. `worker_failure` finds the exception that started it,
+writes every traceback to a log file and gives one `WorkerFailedError` line that names the cause, the log
+and the way on. Errors a restart cannot fix (`cannot_restart`: skd's own errors about files and settings,
+a full disk) are not raised on a single-worker run: the worker leaves them with the driver's `RunControl`
+actor (`fatal_report`) and ends, so Ray Train does not spend `ray.max_failures` on them.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import traceback
+from pathlib import Path
+
+from actors.errors import SkdError
+
+
+class WorkerFailedError(SkdError):
+    """A student worker failed; the message names the cause, the log file with the traceback, and what to do
+    (the run is FAILED in MLflow and, where a checkpoint exists, `resumable`)."""
+
+    def __init__(self, message: str, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+
+def cannot_restart(exc: BaseException) -> bool:
+    """Whether restarting the worker group would meet `exc` again: a skd error (a checkpoint or cache that
+    does not verify, a bad setting) or a full disk (ENOSPC / EDQUOT)."""
+    return isinstance(exc, SkdError) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+
+
+def describe(exc: BaseException, folder: Path | None = None) -> str:
+    """One line for `exc`: a full disk names the file, the folder and its free space (MiB); others are
+    "<type>: <message>" (skd's own errors: the message alone)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = Path(exc.filename).parent if exc.filename else folder
+        free = ""
+        if where is not None:
+            probe = next((p for p in [where, *where.parents] if p.exists()), None)
+            if probe is not None:
+                free = f"; {probe} has {shutil.disk_usage(probe).free / 2 ** 20:,.1f} MiB free"
+        target = f" writing {exc.filename}" if exc.filename else f" under {folder}" if folder else ""
+        return f"the disk is full{target}{free}: free space there (or point output_dir / ray.storage_path at " \
+               f"another disk)"
+    if isinstance(exc, SkdError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception that started a worker failure: inside Ray Train's `WorkerGroupError` (the lowest rank's
+    failure), Ray's `RayTaskError` (`.cause`) and chained exceptions (`__cause__`)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        if failures:
+            exc = failures[min(failures)]
+            continue
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if isinstance(inner, BaseException):
+            exc = inner
+            continue
+        break
+    return exc
+
+
+def write_log(path: Path, exc: BaseException, extra: str = "") -> Path:
+    """Write `exc`'s full traceback (and `extra`, e.g. a worker's own traceback) to `path`; returns it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(traceback.format_exception(exc)) + (f"\n{extra}" if extra else "")
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def worker_failure(exc: BaseException, log: Path, run_id: str, resumable: bool, storage: Path | None = None
+                   ) -> WorkerFailedError:
+    """The one-line error for a failed `trainer.fit()` (`exc`), its tracebacks written to `log`.
+
+    Args:
+        run_id: the MLflow run (marked FAILED by the caller).
+        resumable: a checkpoint exists, so `--resume` continues the run.
+        storage: the run's checkpoint folder (named in a full-disk message when the error carries no file).
+    """
+    cause = root_cause(exc)
+    workers = getattr(exc, "worker_failures", None) or {}
+    written = write_log(log, exc, "".join(f"\n--- rank {rank} ---\n{failure}\n"  # a RayTaskError: its traceback
+                                          for rank, failure in sorted(workers.items())))
+    tail = "continue it with --resume" if resumable else "start it again"
+    return WorkerFailedError(f"the student worker failed: {describe(cause, storage)}. MLflow run {run_id} is "
+                             f"marked FAILED; {tail} once that is fixed. Traceback: {written}", resumable)
+
+
+def fatal_report(exc: BaseException) -> dict[str, str]:
+    """What a worker leaves with the driver instead of raising an error a restart cannot fix: {"fatal": one
+    line, "fatal_log": the traceback} (`RunControl.fail`; the driver's `fatal_failure` reads it)."""
+    return {"fatal": describe(exc), "fatal_log": "".join(traceback.format_exception(exc))}
+
+
+def fatal_failure(metrics: dict, log: Path, run_id: str, resumable: bool) -> WorkerFailedError:
+    """The error for a worker's `fatal_report` (`metrics`); the worker's traceback is written to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(str(metrics.get("fatal_log", "")), encoding="utf-8")
+    tail = "continue it with --resume" if resumable else "start it again"
+    return WorkerFailedError(f"the student worker stopped: {metrics['fatal']}. MLflow run {run_id} is marked FAILED "
+                             f"(Ray Train did not restart it: a restart would meet the same error); {tail} once "
+                             f"that is fixed. Traceback: {log}", resumable)
+
+
+def drop_unfinished_checkpoints(run_folder: Path, manifest: str, since: float) -> list[Path]:
+    """Remove the `checkpoint_*` folders of this run's Ray Train folder created since `since` (unix time:
+    this attempt's) that lack their manifest (`manifest`, written last, so they were cut off mid-write, e.g.
+    by a full disk); returns them. Older folders (an earlier skd's, without manifests) are left alone; the
+    run folder is skd's own (named after the MLflow run)."""
+    removed = []
+    for folder in sorted(run_folder.glob("checkpoint_*")) if run_folder.is_dir() else []:
+        if folder.is_dir() and folder.stat().st_mtime >= since and not (folder / manifest).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
