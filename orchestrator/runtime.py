@@ -141,8 +141,9 @@ def free_port() -> int:
 
 def start_local_ray(num_cpus: int | None, *, dashboard: bool = True, log_to_driver: bool = True,
                     env: dict[str, str] | None = None) -> str:
-    """Start a new local Ray cluster on 127.0.0.1 (token auth off) whose workers know its address, even
-    when another Ray runs on this machine (`address="local"`: never attach to a cluster found by chance).
+    """Start a new local Ray cluster on 127.0.0.1 (every server bound to the loopback interface, `LOOPBACK`;
+    token auth off) whose workers know its address, even when another Ray runs on this machine
+    (`address="local"`: never attach to a cluster found by chance).
 
     Ray Train V2 removes the placement group of a controller that died (a Tune trial stopped by ASHA or
     PBT) from a detached cleaner actor that finds the cluster through Ray's state API. Without an address
@@ -161,21 +162,36 @@ def start_local_ray(num_cpus: int | None, *, dashboard: bool = True, log_to_driv
         The GCS address, host:port.
     """
     import ray
+    from ray._private import ray_constants
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = f"127.0.0.1:{free_port()}"
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = address.split(":")[1]
+    # RAY_GCS_SERVER_PORT: this cluster's port; LOOPBACK: every server on 127.0.0.1 (read by each Ray process
+    # at import: the GCS, raylet, agents and workers this start spawns inherit it)
+    previous = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", *LOOPBACK)}
+    os.environ.update({"RAY_GCS_SERVER_PORT": address.split(":")[1], **LOOPBACK})
+    cluster_flag, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False  # this process
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
-                 runtime_env={"env_vars": {**(env or {}), "RAY_ADDRESS": address}})
-    finally:  # the next cluster this process starts picks its own port
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
+                 runtime_env={"env_vars": {**(env or {}), **LOOPBACK, "RAY_ADDRESS": address}})
+    finally:  # the next cluster this process starts (or joins: cluster_utils, ray.address) decides its own
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return address
+
+
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Ray 2.60 binds its gRPC and HTTP servers (GCS, raylet, core workers, dashboard agent, metrics export,
+runtime-env agent) to 127.0.0.1 only when the node's address is exactly 127.0.0.1, and replaces a given
+`_node_ip_address="127.0.0.1"` with the machine's routable address unless its single-node switch (this
+variable, `ray_constants.ENABLE_RAY_CLUSTER`) is off: the one setting that keeps a local cluster on the
+loopback interface (ray/_private/services.py `get_node_ip_address`, `resolve_ip_for_localhost`). Such a
+cluster takes no other nodes, which a local cluster never has."""
 
 
 def cluster_gpus() -> float:

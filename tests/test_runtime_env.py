@@ -1,6 +1,6 @@
 """The environment skd gives its Ray workers: glibc malloc settings (`ray.hold_freed_memory`) and Ray Train's
 health-check interval, set for every worker of the job and leaving a user's or a submitted job's own
-settings alone."""
+settings alone; and a local cluster's servers, every one on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -46,11 +46,23 @@ def env():
     return {{k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
                                          "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_ADDRESS")}}
 
-seen = {{}}
+def listening():  # (process name, address) of each listening TCP socket of this driver and what it started
+    import psutil
+
+    procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    pids = {{p.pid: p.name() for p in procs}}
+    return sorted({{(pids[c.pid], c.laddr.ip) for c in psutil.net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN and c.pid in pids}})
+
+seen, sockets = {{}}, []
 for hold in (True, False):
     with runtime.ray_session(RayConfig(num_cpus=1, hold_freed_memory=hold)):
         seen[str(hold)] = ray.get(ray.remote(num_cpus=0)(env).remote())
+        actor = ray.remote(num_cpus=0)(type("Probe", (), {{"ping": lambda self: 1}})).remote()
+        ray.get(actor.ping.remote())  # a core worker of an actor listens too
+        sockets = sockets or listening()
 print("ENV", json.dumps(seen))
+print("SOCKETS", json.dumps(sockets))
 """
 
 
@@ -68,3 +80,8 @@ def test_workers_of_a_local_cluster_get_the_settings():
     assert all(plain[k] is None for k in runtime.HOLD_FREED_MEMORY)
     assert held["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"  # inherited from the driver's defaults
     assert held["RAY_ADDRESS"] and held["RAY_ADDRESS"].startswith("127.0.0.1:")
+    # every server of the local cluster (GCS, raylet, agents, dashboard, workers) on the loopback interface
+    sockets = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("SOCKETS "))[8:])
+    names = {name for name, _ in sockets}
+    assert {"gcs_server", "raylet"} <= names and any("Probe" in n or "ray::" in n for n in names), sockets
+    assert [s for s in sockets if s[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")] == []
