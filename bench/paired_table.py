@@ -61,17 +61,18 @@ def main() -> None:
     cfg = load_config(args.config, [f"output_dir={outs[0]}"])
     inputs = prepare_inputs(cfg.data, cfg.task, cfg.student.init)
     spec, labels = inputs.spec, inputs.dev.labels
-    methods = args.method or list(dict.fromkeys(m for o in outs for m in found_methods(o / "students", args.seeds[0])))
+    methods = args.method or list(dict.fromkeys(m for o in outs for s in args.seeds
+                                                for m in found_methods(o / "students", s)))
     best = max(t.dev_metric for t in read_manifest(outs[0] / "teachers" / "manifest.json"))
 
     from mlflow.tracking import MlflowClient
 
-    def home(m: str) -> Path:
-        """The first output folder holding method `m`'s students."""
-        return next((o for o in outs if (o / "students" / f"{m}-s{args.seeds[0]}").is_dir()), outs[0])
+    def home(m: str, s: int) -> Path:
+        """The first output folder holding method `m`'s student of seed `s` (seeds may sit in folders apart)."""
+        return next((o for o in outs if (o / "students" / f"{m}-s{s}").is_dir()), outs[0])
 
     def finished_runs(m: str, s: int) -> list:
-        client = MlflowClient(f"sqlite:///{home(m)}/mlflow.db")
+        client = MlflowClient(f"sqlite:///{home(m, s)}/mlflow.db")
         exp = client.get_experiment_by_name(cfg.experiment_name())
         return [] if exp is None else client.search_runs(
             [exp.experiment_id], f"attributes.run_name = '{m}-s{s}' and attributes.status = 'FINISHED'")
@@ -81,7 +82,7 @@ def main() -> None:
 
     preds, wall = {}, {}
     for m in methods:
-        preds[m] = [predict(load_classifier(str(home(m) / "students" / f"{m}-s{s}"), spec.num_labels,
+        preds[m] = [predict(load_classifier(str(home(m, s) / "students" / f"{m}-s{s}"), spec.num_labels,
                                             regression=spec.is_regression), inputs.dev, inputs.pad_id, 256)
                     for s in args.seeds]
         runs = [finished_runs(m, s) for s in args.seeds]
