@@ -25,32 +25,6 @@ LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 STRATEGIES = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
 
-WATCH_S = 2.0
-"""Seconds between looks at the actors that owe an answer (`PendingAnswers.result`)."""
-NODE_GONE_S = 6.0
-"""Seconds an actor may be restarting on a node that is gone before its teacher counts as lost (Ray may
-place it on another node meanwhile; with STRICT_SPREAD and no free node it never restarts)."""
-
-
-def node_lost(actor: ray.actor.ActorHandle) -> str | None:
-    """Why `actor` cannot answer for now, from the GCS tables (they need no dashboard): "actor DEAD", or it is
-    restarting (or pending) and the node it ran on is dead; None otherwise (alive, or restarting on a live
-    node: a process restart)."""
-    from ray._private.state import state  # the public state API needs the dashboard; these are GCS calls
-
-    info = state.actor_table(actor._actor_id.hex())
-    if not info:
-        return None
-    if info["State"] == "DEAD":
-        return "actor DEAD"
-    if info["State"] not in ("RESTARTING", "PENDING_CREATION"):
-        return None
-    node = info["Address"]["NodeID"]
-    alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
-    if node in alive and not alive[node]:
-        return f"node {node[:8]} gone, actor {info['State']}"
-    return None
-
 
 def start_teacher(index: int, info: TeacherInfo, settings: dict, *, name: str | None = None,
                   namespace: str | None = None, scheduling_strategy=None) -> ray.actor.ActorHandle:
@@ -149,24 +123,20 @@ class PendingAnswers:
     """
 
     def __init__(self, refs: list[ray.ObjectRef], teachers: list[int], teacher: int,
-                 timeout_s: float | None = None, actors: list | None = None) -> None:
+                 timeout_s: float | None = None) -> None:
         self._refs, self._teachers = refs, teachers
         self.teacher = teacher
         self.timeout_s = timeout_s
-        self._actors = actors or [None] * len(refs)  # the asked actors' handles, for `node_lost`
 
     def result(self) -> Knowledge:
-        """The answer (`wait_s` = seconds blocked here). While waiting, every `WATCH_S` seconds, an actor
-        whose answer is missing is looked up: one restarting on a node that is gone for `NODE_GONE_S`
-        (`node_lost`) is lost then, not at the knowledge timeout.
+        """The answer (`wait_s` = seconds blocked here).
 
         Raises:
-            TeacherLostError: an asked teacher's actor died for good, its node is gone, or no answer came
-                within `timeout_s` (a restarting actor is waited for: Ray retries the call up to
-                `max_task_retries` times).
+            TeacherLostError: an asked teacher's actor died for good, or no answer came within `timeout_s`
+                (a restarting actor is waited for: Ray retries the call up to `max_task_retries` times).
         """
         start = time.perf_counter()
-        ready = self._wait(start)
+        ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=self.timeout_s, fetch_local=True)
         parts: list[Knowledge] = []
         for k, ref in zip(self._teachers, self._refs):
             if ref not in ready:
@@ -180,28 +150,6 @@ class PendingAnswers:
             # every requested output, as served, under the asker's index (a served pool's actor has its own)
             return dataclasses.replace(parts[0], teacher=self.teacher, wait_s=wait)
         return average_logits(parts, wait)
-
-    def _wait(self, start: float) -> list[ray.ObjectRef]:
-        """The refs ready within `timeout_s` (all of them, or fewer at the timeout), waiting in `WATCH_S`
-        slices and looking up the actors still owing an answer after each.
-
-        Raises:
-            TeacherLostError: an owing actor's node has been gone for `NODE_GONE_S` seconds.
-        """
-        gone: dict[int, float] = {}  # teacher -> when its node was first seen gone
-        while True:
-            left = None if self.timeout_s is None else self.timeout_s - (time.perf_counter() - start)
-            slice_s = WATCH_S if left is None else max(0.0, min(WATCH_S, left))
-            ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=slice_s, fetch_local=True)
-            if len(ready) == len(self._refs) or (left is not None and left <= slice_s):
-                return ready
-            now = time.perf_counter()
-            for k, ref, actor in zip(self._teachers, self._refs, self._actors):
-                why = None if ref in ready or actor is None else node_lost(actor)
-                if why is None:
-                    gone.pop(k, None)
-                elif now - gone.setdefault(k, now) >= NODE_GONE_S:
-                    raise TeacherLostError(k, f"{why} for {now - gone[k]:.0f} s")
 
 
 class TeacherPool:
@@ -323,8 +271,7 @@ class TeacherPool:
 
     def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
         """Ask teacher k for knowledge of a batch without waiting (prefetch)."""
-        return PendingAnswers([self.actors[k].knowledge.remote(batch, request)], [k], k, self.timeout_s,
-                              [self.actors[k]])
+        return PendingAnswers([self.actors[k].knowledge.remote(batch, request)], [k], k, self.timeout_s)
 
     def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest(),
                        teachers: list[int] | None = None) -> PendingAnswers:
@@ -333,7 +280,7 @@ class TeacherPool:
         teachers = self.live() if teachers is None else list(teachers)
         ref = ray.put(batch)  # one copy in the object store, shared by all teachers
         return PendingAnswers([self.actors[k].knowledge.remote(ref, request) for k in teachers], teachers, -1,
-                              self.timeout_s, [self.actors[k] for k in teachers])
+                              self.timeout_s)
 
     def knowledge(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Knowledge:
         """Blocking form of `submit`."""

@@ -3,8 +3,8 @@ no work, two teacher nodes that declare a GPU (which this machine does not have)
 `skd-teacher`, and a student node with `skd-student`. Checks that teachers land one per node through
 their placement group and serve on what torch sees (CPU), that a plan the cluster cannot hold is refused
 before anything starts, that a distill run spread over the nodes logs to a real MLflow server (proxied
-artifacts), that `skd` without `ray.address` starts its own Ray beside this one instead of attaching to
-it, and (last: it removes a node) that a teacher whose node is removed mid-run is dropped within seconds."""
+artifacts), and that `skd` without `ray.address` starts its own Ray beside this one instead of
+attaching to it."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def cluster(tiny_model, tmp_path_factory):
         ray.init(address=nodes.address, log_to_driver=False)
         section.update(make_tiny_teachers(tmp / "teachers", {"t4": (4, 32, 2), "t2": (2, 32, 2)})[1])
         yield {"cfg": cfg, "address": nodes.address, "teacher_nodes": {n.node_id for n in teacher_nodes},
-               "client": MlflowClient(uri), "tmp": tmp, "nodes": nodes, "teacher_node_handles": teacher_nodes}
+               "client": MlflowClient(uri), "tmp": tmp}
     finally:
         ray.shutdown()
         stop(server)
@@ -159,38 +159,3 @@ def test_skd_without_ray_address_starts_its_own_ray_beside_this_one_and_attaches
     assert attached.returncode == 0, attached.stdout[-3000:] + attached.stderr[-3000:]
     assert "Started a local Ray instance" not in attached.stdout + attached.stderr
     assert "Connected to Ray cluster" in attached.stdout + attached.stderr
-
-
-def test_a_teacher_whose_node_is_removed_mid_run_is_dropped_within_seconds_and_the_run_finishes(cluster):
-    """Last in the module: it removes a teacher node (and adds another). Its teacher's actor cannot restart
-    (STRICT_SPREAD: no node for its bundle); the run drops it at the next request, not at the 600 s knowledge
-    timeout, and finishes on the other teacher."""
-    import threading
-    import time
-
-    from tests.faultkit import when
-
-    cfg = cluster["cfg"](*ON_NODES, "mlflow.run_name=node-lost", "distill.max_steps=200", "distill.eval_every=200",
-                         "distill.log_every=5", "teachers.knowledge_timeout_s=600")
-    client, result = cluster["client"], {}
-    run = threading.Thread(target=lambda: result.update(out=run_distill(cfg, register_as=None)))
-    run.start()
-
-    def trained(steps: int) -> bool:
-        found = client.search_runs([client.get_experiment_by_name("skd-test").experiment_id],
-                                   "tags.`mlflow.runName` = 'node-lost'")
-        return bool(found) and any(m.step >= steps for m in client.get_metric_history(found[0].info.run_id,
-                                                                                      "train/loss"))
-
-    assert when(lambda: trained(20), run.is_alive, every_s=0.5), "the run ended before the node could go"
-    removed = time.monotonic()
-    cluster["nodes"].remove_node(cluster["teacher_node_handles"][0])
-    run.join(timeout=600)
-    took = time.monotonic() - removed
-    cluster["nodes"].add_node(**TEACHER_NODE)
-    out = result["out"]
-    assert out.status == "FINISHED" and out.steps == 200
-    tags = client.get_run(out.run_id).data.tags
-    [(lost, why)] = [(k, v) for k, v in tags.items() if k.startswith("skd.teacher_lost.")]
-    assert "node " in why and "gone" in why, why
-    assert took < 150, f"the run took {took:.0f} s after the node went (knowledge timeout: 600 s)"
