@@ -15,7 +15,6 @@ weights are finite.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from actors.cache.format import file_sha256
 
 MODEL_DIR = "model"
 STATE_FILE = "trainer_state.json"
@@ -92,18 +93,10 @@ def load_module_state(folder: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """Write `folder/checkpoint.json` (atomically, after every other file is complete): {relative path:
     {"bytes", "sha256"}} of every file in `folder`. Returns that mapping."""
-    files = {f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    files = {f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
              for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST_FILE}
     tmp = folder / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1))
@@ -128,7 +121,7 @@ def verify_checkpoint(folder: Path) -> str | None:
             return f"{f} is missing"
         if f.stat().st_size != want["bytes"]:
             return f"{f} has {f.stat().st_size} bytes, {want['bytes']} when written"
-        if _sha256(f) != want["sha256"]:
+        if file_sha256(f) != want["sha256"]:
             return f"{f} does not match its SHA-256 (changed or corrupted since it was written)"
     weights = folder / MODEL_DIR / "model.safetensors"
     bad = [k for k, v in load_file(str(weights)).items() if v.is_floating_point() and not torch.isfinite(v).all()]
