@@ -47,7 +47,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     env = worker_env(cfg.hold_freed_memory)
     if address:
         env.update(_address_for_workers(address))
-        ray.init(address=address, log_to_driver=True, runtime_env=_job_env(env))
+        with _joined_as_loopback(address):
+            ray.init(address=address, log_to_driver=True, runtime_env=_job_env(env))
         print(f"[skd] attached to the Ray cluster at {_gcs_address(address)} ({origin})", flush=True)
     else:
         start_local_ray(cfg.num_cpus or os.cpu_count(), env=env)
@@ -118,6 +119,49 @@ def _address_for_workers(address: str) -> dict[str, str]:
     if "://" in address or ":" not in address:
         return {}
     return {"RAY_ADDRESS": address}
+
+
+@contextlib.contextmanager
+def _joined_as_loopback(address: str) -> Iterator[None]:
+    """Join the cluster at `address` as one of its own 127.0.0.1 nodes where it is a loopback cluster (one
+    `start_local_ray` started, every server on 127.0.0.1 only): Ray rewrites a given 127.0.0.1/localhost
+    address to the machine's routable address (`resolve_ip_for_localhost`), where such a GCS does not listen,
+    and the driver then hangs on "Failed to connect to the observability pubsub". With the single-node switch
+    off in this process for the `ray.init` call Ray keeps 127.0.0.1. Any other cluster (one that also answers
+    on the routable address, or any host that is not loopback) is joined as Ray joins it."""
+    from ray._private import ray_constants
+
+    if not _loopback_only(address):
+        yield
+        return
+    cluster_flag, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
+
+
+def _loopback_only(address: str) -> bool:
+    """Whether `address` (host:port) is a loopback host whose port answers on 127.0.0.1 but not on this
+    machine's routable address (a cluster `start_local_ray` started). False for auto, ray://... and other
+    hosts. One TCP connect each, 2 s at most."""
+    import socket
+
+    from ray._private.services import node_ip_address_from_perspective, parse_address
+
+    parsed = parse_address(address) if "://" not in address and ":" in address else None
+    if parsed is None or parsed[0] not in ("127.0.0.1", "localhost", "::1"):
+        return False
+
+    def answers(host: str) -> bool:
+        try:
+            with socket.create_connection((host, int(parsed[1])), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+    routable = node_ip_address_from_perspective()
+    return answers("127.0.0.1") and (routable.startswith("127.") or not answers(routable))
 
 
 def _gcs_address(fallback: str) -> str:
