@@ -16,7 +16,9 @@ Faults (one run each, one Ray cluster for the in-process runs):
 - nan-teacher: one teacher's classifier weights set to NaN (a copy of its folder, served by its actor):
   `distill.nonfinite: stop` ends the run with a checkpoint and one error;
 - cache-damaged: soft labels cached, one bit flipped in one shard; the run is refused before Ray starts,
-  `skd cache build` rewrites that shard, the run trains from the cache.
+  `skd cache build` rewrites that shard, the run trains from the cache;
+- disk-full: ray.storage_path on a 24 MiB tmpfs this script mounts (root only; skipped otherwise), smaller
+  than one checkpoint: the first checkpoint fills it, the run ends with one error and is not retried.
 
 Prints one JSON line per run and a markdown table: final status and steps, steps trained twice (a lower
 bound on the work lost: steps re-trained after a restart that had already logged), steps without a
@@ -58,7 +60,7 @@ def config(out: Path, uri: str, steps: int) -> dict:
 
 
 FAULTS = ("teacher-lost", "worker-killed", "interrupt", "mlflow-outage", "checkpoint-corrupt", "nan-teacher",
-          "cache-damaged")
+          "cache-damaged", "disk-full")
 
 
 @dataclass
@@ -232,14 +234,8 @@ def nan_teacher(b: Bench) -> None:
         error = "none"
     except NonFiniteError as exc:
         error = str(exc)
-    exp = b.client.get_experiment_by_name("skd-bench-faults")
-    [run] = b.client.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{b.name('nan-teacher')}'")
-    steps = max((m.step for m in b.client.get_metric_history(run.info.run_id, "train/loss")), default=0)
-    row = {"fault": "a teacher answers NaN", "injected": f"{victim.name}'s classifier weights set to NaN",
-           "status": run.info.status, "steps": steps, "wall_s": round(time.perf_counter() - began, 1),
-           **store_view(b.client, run.info.run_id, steps), "error": error}
-    b.rows.append(row)
-    print(json.dumps(row), flush=True)
+    failed_row(b, "a teacher answers NaN", "nan-teacher", f"{victim.name}'s classifier weights set to NaN", began,
+               error)
 
 
 def cache_damaged(b: Bench) -> None:
@@ -265,6 +261,47 @@ def cache_damaged(b: Bench) -> None:
     res = run_distill(c, register_as=None)
     b.record("cache shard damaged", f"one bit flipped in {shard.parent.name}/{shard.name}", res,
              {"refused": refused, "rebuild_s": rebuilt})
+
+
+def failed_row(b: Bench, fault: str, name: str, how: str, began: float, error: str, extra: dict | None = None
+               ) -> None:
+    """Record a run that ended with an error (no RunResult): its MLflow status and steps from the store."""
+    exp = b.client.get_experiment_by_name("skd-bench-faults")
+    [run] = b.client.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{b.name(name)}'")
+    steps = max((m.step for m in b.client.get_metric_history(run.info.run_id, "train/loss")), default=0)
+    row = {"fault": fault, "injected": how, "status": run.info.status, "steps": steps,
+           "wall_s": round(time.perf_counter() - began, 1), **store_view(b.client, run.info.run_id, steps),
+           "error": error, **(extra or {})}
+    b.rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def disk_full(b: Bench) -> None:
+    import os
+
+    from actors.errors import SkdError
+    from orchestrator.distill import run_distill
+
+    disk = b.out / f"fulldisk-{b.stamp}"
+    disk.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)],
+                                                   capture_output=True).returncode == 0
+    if not mounted:
+        print(json.dumps({"fault": "disk-full", "skipped": "mounting a tmpfs needs root"}), flush=True)
+        return
+    try:
+        c = b.cfg("disk-full", f"ray.storage_path={disk}", "ray.max_failures=2")
+        began = time.perf_counter()
+        try:
+            run_distill(c, register_as=None)
+            error = "none"
+        except SkdError as exc:
+            error = str(exc)
+        left = sorted(str(p.relative_to(disk)) for p in disk.rglob("checkpoint_*"))
+        failed_row(b, "disk full", "disk-full", "ray.storage_path on a 24 MiB tmpfs (a checkpoint is larger)",
+                   began, error, {"checkpoint_folders_left": left})
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 def table(rows: list[dict]) -> None:
@@ -301,7 +338,7 @@ def main() -> None:
         for fault, inject in (("teacher-lost", teacher_lost), ("worker-killed", worker_killed),
                               ("interrupt", interrupted), ("mlflow-outage", mlflow_outage),
                               ("checkpoint-corrupt", checkpoint_corrupt), ("nan-teacher", nan_teacher),
-                              ("cache-damaged", cache_damaged)):
+                              ("cache-damaged", cache_damaged), ("disk-full", disk_full)):
             if fault in args.faults:
                 inject(b)
     finally:

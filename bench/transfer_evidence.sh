@@ -5,10 +5,11 @@
 # taught by the teacher alone. The 6-layer MiniLM student trains for the same STEPS with the same 3 seeds:
 #   no-kd            the labelled rows only (no-kd skips transfer rows), STEPS/ (LABELLED/32) epochs;
 #   transfer         single:mpnet-l12 on labelled + transfer rows (soft labels only on the transfer rows);
-#   same-rows        single:mpnet-l12 on the labelled rows only (CONTROL=1): is it the rows or the teacher?
+#   same-rows        single:mpnet-l12 on the labelled rows only: is it the rows or the teacher?
 # Soft labels come from two caches (labelled + transfer rows; labelled rows). Runs go two at a time (a student uses
 # one core), each in its own folder (its own MLflow store), then bench/paired_table.py prints the table.
-#   [LABELLED=8000] [TRANSFER=8000] [STEPS=500] [CONTROL=1] bash bench/transfer_evidence.sh OUT_DIR [--set ...]
+# The teacher and caches already in OUT_DIR are reused; ARMS picks which arms' students run (default all three).
+#   [LABELLED=8000] [TRANSFER=8000] [STEPS=500] [ARMS="no-kd transfer same-rows"] bash bench/transfer_evidence.sh OUT_DIR [--set ...]
 set -euo pipefail
 out=$(realpath -m "${1:?usage: bash bench/transfer_evidence.sh OUT_DIR [--set ...]}"); shift
 skd=${SKD:-skd}
@@ -16,6 +17,7 @@ cfg=configs/sst2-mixed.yaml
 labelled=${LABELLED:-8000}
 transfer=${TRANSFER:-8000}
 steps=${STEPS:-500}
+arms=" ${ARMS:-no-kd transfer same-rows} "
 mkdir -p "$out"
 common=(-c "$cfg" --set "output_dir=$out" --set "mlflow.tracking_uri=sqlite:///$out/mlflow.db"
         --set "teachers.members=[{name: mpnet-l12, init: mpnet-base}]"
@@ -45,9 +47,12 @@ run() {
 echo "[transfer] students $(date -u +%T)"
 jobs=()
 for seed in 0 1 2; do
-    jobs+=("no-kd $seed no-kd" "transfer $seed single:mpnet-l12 --set 'data.transfer={source: rest, max_rows: $transfer}'")
+    if [[ $arms == *" no-kd "* ]]; then jobs+=("no-kd $seed no-kd"); fi
+    if [[ $arms == *" transfer "* ]]; then
+        jobs+=("transfer $seed single:mpnet-l12 --set 'data.transfer={source: rest, max_rows: $transfer}'")
+    fi
 done
-if [[ ${CONTROL:-1} == 1 ]]; then
+if [[ $arms == *" same-rows "* ]]; then
     for seed in 0 1 2; do jobs+=("same-rows $seed single:mpnet-l12"); done
 fi
 running=0

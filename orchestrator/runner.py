@@ -216,31 +216,33 @@ def _outputs(client, uri: str, out: RunResult, result, model_out: Path,
         _warn_on_failure(client, run_id, "plots", plots)
 
 
-def _fit(cfg: SkdConfig, trainer, control, ray_name: str, run_id: str):
+def _fit(cfg: SkdConfig, trainer, control, ray_name: str, run_id: str, who: str):
     """(result, interrupted) of `trainer.fit()`. A worker's failure, raised (`TrainingFailedError`) or left
     with `control` as one a restart cannot fix (`failures.fatal_report`), becomes one `WorkerFailedError`
     line naming the cause and the log file with the tracebacks (`<output_dir>/logs/<ray run>.log`);
-    checkpoint folders this attempt cut off mid-write are removed first."""
+    checkpoint folders this attempt cut off mid-write are removed first. `who`: "student" or "teacher"."""
     from ray.train import TrainingFailedError
 
     from orchestrator import failures
-    from orchestrator.checkpointing import MANIFEST_FILE, verify_checkpoint
+    from orchestrator.checkpointing import verify_checkpoint
 
     folder, log = cfg.storage_path() / ray_name, cfg.out_dir() / "logs" / f"{ray_name}.log"
     began = time.time() - 1.0  # folders this attempt wrote are at least this new
 
     def resumable() -> bool:
         """Cut-off checkpoints removed; whether one that verifies is left for --resume."""
-        failures.drop_unfinished_checkpoints(folder, MANIFEST_FILE, began)
+        failures.drop_unfinished_checkpoints(folder, verify_checkpoint, began)
         return any(p.is_dir() and verify_checkpoint(p) is None for p in folder.glob("checkpoint_*"))
 
     try:
         result, interrupted = run_interruptible(trainer.fit, control)
     except TrainingFailedError as exc:
-        raise failures.worker_failure(exc, log, run_id, resumable(), folder) from None
+        if (reported := ray.get(control.failure.remote())) is None:  # else: ray.max_failures was 0
+            raise failures.worker_failure(exc, log, run_id, resumable(), folder, who) from None
+        raise failures.fatal_failure(reported, log, run_id, resumable(), folder, who) from None
     reported = ray.get(control.failure.remote())
     if reported:
-        raise failures.fatal_failure(reported, log, run_id, resumable())
+        raise failures.fatal_failure(reported, log, run_id, resumable(), folder, who)
     return result, interrupted
 
 
@@ -322,7 +324,8 @@ def run_training(cfg: SkdConfig, spec: WorkerSpec, *, run_name: str, tags: dict[
         trainer = _trainer(cfg, spec, ray_name, use_gpu, report_to_tune)
         started = time.perf_counter()
         with console.display().phase(run_name, total=spec.run.steps.total):
-            result, interrupted = _fit(cfg, trainer, control, ray_name, run_id)
+            result, interrupted = _fit(cfg, trainer, control, ray_name, run_id,
+                                       "teacher" if tags.get("skd.kind") == "teacher" else "student")
         names = spec.knowledge.names if spec.knowledge is not None else []
         out = _summary(run_id, run_name, result, names, time.perf_counter() - started)
         out.interrupted = interrupted and out.status != "FINISHED"  # a signal in the last steps: finished

@@ -368,12 +368,16 @@ def _sibling_checkpoints(checkpoint) -> list[Path]:
 
 def train_loop(spec: WorkerSpec) -> None:
     """Ray Train worker entry point: set up, train, clean up (see the module docstring). An error a restart
-    cannot fix (`failures.cannot_restart`: a checkpoint or cache that does not verify, a full disk) on a
-    single-worker run is left with the driver's `RunControl` (`failures.fatal_report`) instead of raised, so
-    Ray Train does not restart into it; with several workers it is raised (the others may wait in a
-    collective) and the driver still shows it as one line."""
+    cannot fix (`failures.cannot_restart`: a checkpoint or cache that does not verify, a full disk) is left
+    with the driver's `RunControl` (`failures.fatal_report`). A single worker then ends without raising, so
+    Ray Train does not restart into it; with several workers it is raised too (the other ranks may wait in a
+    collective, and only a failed group frees them), and the group Ray Train restarts finds the report here
+    and ends before any setup. The driver shows it as one line either way."""
     from orchestrator.failures import cannot_restart, fatal_report
 
+    control = spec.run.control
+    if control is not None and ray.get(control.failure.remote()) is not None:
+        return  # a restart after an unfixable error on some rank: nothing to redo
     recipe = DistillRecipe(spec)
     try:
         recipe.setup()
@@ -382,7 +386,8 @@ def train_loop(spec: WorkerSpec) -> None:
         finally:  # the metrics of the steps trained reach MLflow even when a step fails
             recipe.cleanup()
     except Exception as exc:  # noqa: BLE001  (re-raised unless a restart cannot fix it)
-        control = spec.run.control
-        if control is None or not cannot_restart(exc) or ray.train.get_context().get_world_size() > 1:
+        if control is None or not cannot_restart(exc):
             raise
-        ray.get(control.fail.remote(fatal_report(exc)))  # the driver reads it after fit() returns
+        ray.get(control.fail.remote(fatal_report(exc)))  # the driver reads it after fit() returns or fails
+        if ray.train.get_context().get_world_size() > 1:
+            raise

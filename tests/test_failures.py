@@ -39,7 +39,7 @@ def test_a_worker_error_is_found_inside_ray_trains_wrappers_and_shown_as_one_lin
 
     report = fatal_report(cause)
     again = fatal_failure(report, tmp_path / "logs" / "fatal.log", "abc123", resumable=False)
-    assert "Ray Train did not restart it" in str(again) and "start it again" in str(again)
+    assert "not retried: a restart would meet the same error" in str(again) and "start it again" in str(again)
     assert "CheckpointError" in (tmp_path / "logs" / "fatal.log").read_text()
 
 
@@ -50,6 +50,11 @@ def test_a_full_disk_names_the_file_the_folder_and_its_free_space(tmp_path):
     assert re.fullmatch(rf"the disk is full writing {re.escape(str(tmp_path))}/ckpt/model.safetensors; "
                         rf"{re.escape(str(tmp_path))} has [\d,.]+ MiB free: free space there .*", line), line
     assert describe(OSError(errno.ENOSPC, "No space left"), tmp_path).startswith(f"the disk is full under {tmp_path};")
+    # Ray Train's checkpoint upload (pyarrow) names no file: the driver names the run's checkpoint folder
+    upload = raised(OSError(errno.ENOSPC, "Error writing bytes to file"))
+    report = fatal_report(upload)
+    error = str(fatal_failure(report, tmp_path / "fatal.log", "abc123", False, tmp_path / "ray" / "run", "teacher"))
+    assert error.startswith(f"the teacher worker stopped: the disk is full under {tmp_path}/ray/run; {tmp_path} has ")
 
 
 def test_checkpoint_folders_cut_off_mid_write_are_removed_and_finished_ones_kept(tmp_path):
@@ -62,10 +67,13 @@ def test_checkpoint_folders_cut_off_mid_write_are_removed_and_finished_ones_kept
     older = tmp_path / "checkpoint_2026-11-01_00"  # an earlier skd's, without a manifest: kept
     older.mkdir()
     os.utime(older, (1_700_000_000, 1_700_000_000))
-    assert drop_unfinished_checkpoints(tmp_path, "checkpoint.json", since=1_750_000_000) == [cut]
+    def problem(folder):
+        return None if (folder / "checkpoint.json").is_file() else "no manifest"
+
+    assert drop_unfinished_checkpoints(tmp_path, problem, since=1_750_000_000) == [cut]
     assert done.is_dir() and older.is_dir() and not cut.exists()
     assert (tmp_path / "checkpoint_manager_snapshot.json").is_file()
-    assert drop_unfinished_checkpoints(tmp_path / "absent", "checkpoint.json", since=0) == []
+    assert drop_unfinished_checkpoints(tmp_path / "absent", problem, since=0) == []
 
 
 def test_nonfinite_rows_name_every_row_with_a_nan_or_inf_in_any_float_output():
