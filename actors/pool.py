@@ -25,6 +25,60 @@ LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 STRATEGIES = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
 
+WATCH_S = 2.0
+"""Seconds an answer may be late before the actors owing it are looked up (`PendingAnswers.result`)."""
+NODE_GONE_S = 10.0
+"""Seconds a teacher's actor may be down (restarting, pending or dead) after the node it ran on died before
+the teacher counts as lost. Ray may restart it on another node meanwhile (SPREAD with a free node); with
+STRICT_SPREAD and no node for its bundle it never comes back, and without this watch the run would wait
+for the knowledge timeout."""
+
+
+class NodeWatch:
+    """Where each teacher actor runs, remembered from the GCS actor table while it is ALIVE (a restarting
+    actor's entry no longer names its node), and whether that node is gone. One per process; GCS calls
+    only (no dashboard needed), one per actor until its node is known, then only for late answers."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, str] = {}  # actor id (hex) -> node id (hex) it last ran on
+        self._looked: dict[str, float] = {}  # actor id -> when it was last looked up (monotonic s)
+
+    def _entry(self, actor: ray.actor.ActorHandle) -> dict | None:
+        from ray._private.state import state  # the public state API needs the dashboard
+
+        key = actor._actor_id.hex()
+        self._looked[key] = time.monotonic()
+        try:
+            info = state.actor_table(key)
+        except Exception:  # noqa: BLE001  (no GCS tables here, e.g. Ray Client: the knowledge timeout applies)
+            return None
+        if info and info["State"] == "ALIVE":
+            self._nodes[key] = info["Address"]["NodeID"]
+        return info or None
+
+    def learn(self, actor: ray.actor.ActorHandle) -> None:
+        """Remember `actor`'s node if not known yet (at most one lookup per second per actor)."""
+        key = actor._actor_id.hex()
+        if key not in self._nodes and time.monotonic() - self._looked.get(key, 0.0) >= 1.0:
+            self._entry(actor)
+
+    def down(self, actor: ray.actor.ActorHandle) -> str | None:
+        """Why `actor` cannot answer for now: its node is gone and it is not ALIVE elsewhere
+        ("node <id> gone, actor RESTARTING"); None while it is alive, restarting on a live node, or its
+        node was never learned (the knowledge timeout still applies)."""
+        info = self._entry(actor)
+        if info is None or info["State"] == "ALIVE":
+            return None
+        node = self._nodes.get(actor._actor_id.hex())
+        if node is None:
+            return None
+        if any(n["NodeID"] == node and n["Alive"] for n in ray.nodes()):
+            return None
+        return f"node {node[:8]} gone, actor {info['State']}"
+
+
+WATCH = NodeWatch()
+
 
 def start_teacher(index: int, info: TeacherInfo, settings: dict, *, name: str | None = None,
                   namespace: str | None = None, scheduling_strategy=None) -> ray.actor.ActorHandle:
@@ -120,23 +174,30 @@ class PendingAnswers:
         refs: one object ref per asked teacher; teachers: their indices (same order).
         teacher: the serving teacher's index, or -1 for an average over `teachers`.
         timeout_s: the knowledge timeout (None: wait forever).
+        actors: the asked actors (same order), watched for a lost node (`NodeWatch`); None: not watched.
     """
 
     def __init__(self, refs: list[ray.ObjectRef], teachers: list[int], teacher: int,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, actors: list[ray.actor.ActorHandle] | None = None) -> None:
         self._refs, self._teachers = refs, teachers
         self.teacher = teacher
         self.timeout_s = timeout_s
+        self._actors = actors
+        for actor in actors or []:
+            WATCH.learn(actor)
 
     def result(self) -> Knowledge:
-        """The answer (`wait_s` = seconds blocked here).
+        """The answer (`wait_s` = seconds blocked here). An answer more than `WATCH_S` late has its actors
+        looked up every `WATCH_S`: one whose node is gone for `NODE_GONE_S` is lost then, not at the
+        knowledge timeout.
 
         Raises:
-            TeacherLostError: an asked teacher's actor died for good, or no answer came within `timeout_s`
-                (a restarting actor is waited for: Ray retries the call up to `max_task_retries` times).
+            TeacherLostError: an asked teacher's actor died for good, its node is gone, or no answer came
+                within `timeout_s` (a restarting actor is waited for: Ray retries the call up to
+                `max_task_retries` times).
         """
         start = time.perf_counter()
-        ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=self.timeout_s, fetch_local=True)
+        ready = self._wait(start)
         parts: list[Knowledge] = []
         for k, ref in zip(self._teachers, self._refs):
             if ref not in ready:
@@ -150,6 +211,27 @@ class PendingAnswers:
             # every requested output, as served, under the asker's index (a served pool's actor has its own)
             return dataclasses.replace(parts[0], teacher=self.teacher, wait_s=wait)
         return average_logits(parts, wait)
+
+    def _wait(self, start: float) -> list[ray.ObjectRef]:
+        """The refs ready within `timeout_s` (all, or fewer at the timeout), in `WATCH_S` slices.
+
+        Raises:
+            TeacherLostError: an owing actor's node has been gone for `NODE_GONE_S` seconds.
+        """
+        gone: dict[int, float] = {}  # teacher -> when its node was first seen gone (perf_counter s)
+        while True:
+            left = None if self.timeout_s is None else self.timeout_s - (time.perf_counter() - start)
+            slice_s = left if self._actors is None else WATCH_S if left is None else max(0.0, min(WATCH_S, left))
+            ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=slice_s, fetch_local=True)
+            if len(ready) == len(self._refs) or self._actors is None or (left is not None and left <= slice_s):
+                return ready
+            now = time.perf_counter()
+            for k, ref, actor in zip(self._teachers, self._refs, self._actors):
+                why = None if ref in ready else WATCH.down(actor)
+                if why is None:
+                    gone.pop(k, None)
+                elif now - gone.setdefault(k, now) >= NODE_GONE_S:
+                    raise TeacherLostError(k, f"{why} for {now - gone[k]:.0f} s")
 
 
 class TeacherPool:
@@ -271,7 +353,8 @@ class TeacherPool:
 
     def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
         """Ask teacher k for knowledge of a batch without waiting (prefetch)."""
-        return PendingAnswers([self.actors[k].knowledge.remote(batch, request)], [k], k, self.timeout_s)
+        return PendingAnswers([self.actors[k].knowledge.remote(batch, request)], [k], k, self.timeout_s,
+                              [self.actors[k]])
 
     def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest(),
                        teachers: list[int] | None = None) -> PendingAnswers:
@@ -280,7 +363,7 @@ class TeacherPool:
         teachers = self.live() if teachers is None else list(teachers)
         ref = ray.put(batch)  # one copy in the object store, shared by all teachers
         return PendingAnswers([self.actors[k].knowledge.remote(ref, request) for k in teachers], teachers, -1,
-                              self.timeout_s)
+                              self.timeout_s, [self.actors[k] for k in teachers])
 
     def knowledge(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Knowledge:
         """Blocking form of `submit`."""

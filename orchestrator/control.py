@@ -44,8 +44,13 @@ class RunControl:
 
 
 def start_control() -> ray.actor.ActorHandle:
-    """A new `RunControl` actor for one run (it dies with the driver's job)."""
-    return ray.remote(RunControl).options(num_cpus=0).remote()
+    """A new `RunControl` actor for one run, on the driver's node (it dies with the driver's job). Without
+    the node affinity Ray may place it (no CPU asked) on any node, a teacher's too, and a run whose teacher
+    node went would lose its control with it: its workers would stop as if the driver had gone."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(RunControl).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
 class StopPoller:

@@ -3,8 +3,8 @@ no work, two teacher nodes that declare a GPU (which this machine does not have)
 `skd-teacher`, and a student node with `skd-student`. Checks that teachers land one per node through
 their placement group and serve on what torch sees (CPU), that a plan the cluster cannot hold is refused
 before anything starts, that a distill run spread over the nodes logs to a real MLflow server (proxied
-artifacts), and that `skd` without `ray.address` starts its own Ray beside this one instead of
-attaching to it."""
+artifacts), that `skd` without `ray.address` starts its own Ray beside this one instead of attaching to
+it, and (last: it removes a node) that a teacher whose node goes mid-run is dropped within seconds."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def cluster(tiny_model, tmp_path_factory):
         ray.init(address=nodes.address, log_to_driver=False)
         section.update(make_tiny_teachers(tmp / "teachers", {"t4": (4, 32, 2), "t2": (2, 32, 2)})[1])
         yield {"cfg": cfg, "address": nodes.address, "teacher_nodes": {n.node_id for n in teacher_nodes},
-               "client": MlflowClient(uri), "tmp": tmp}
+               "client": MlflowClient(uri), "tmp": tmp, "nodes": nodes, "teacher_node_handles": teacher_nodes}
     finally:
         ray.shutdown()
         stop(server)
@@ -159,3 +159,72 @@ def test_skd_without_ray_address_starts_its_own_ray_beside_this_one_and_attaches
     assert attached.returncode == 0, attached.stdout[-3000:] + attached.stderr[-3000:]
     assert "Started a local Ray instance" not in attached.stdout + attached.stderr
     assert "Connected to Ray cluster" in attached.stdout + attached.stderr
+
+
+def test_a_teacher_whose_node_goes_mid_run_is_dropped_within_seconds_and_the_run_finishes(cluster):
+    """Last in the module: it takes a teacher node away. The node goes as a machine that loses power or its
+    network does: its raylet and every worker it started stop answering at once (SIGSTOP; a killed process
+    on one machine refuses connections, which Ray reports at once, while a lost machine just goes quiet).
+    Its actor cannot restart (STRICT_SPREAD: no node for its bundle), so before the node watch the run
+    waited for the 600 s knowledge timeout; now the teacher is dropped once the GCS marks the node dead
+    plus `NODE_GONE_S`."""
+    import contextlib
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+    from ray._private.state import state
+
+    from actors.pool import NODE_GONE_S
+    from tests.faultkit import when
+
+    cfg = cluster["cfg"](*ON_NODES, "mlflow.run_name=node-lost", "distill.max_steps=400", "distill.eval_every=400",
+                         "distill.log_every=5", "teachers.knowledge_timeout_s=600")
+    plan = make_plan(cfg)
+    pool = start_pool(plan, plan.resources(ray.cluster_resources(), len(plan.active)), plan.active)
+    client, result, frozen = cluster["client"], {}, set()
+    run = threading.Thread(target=lambda: result.update(out=run_distill(cfg, source=pool, register_as=None)))
+    run.start()
+    try:
+        def the_run():
+            exp = client.get_experiment_by_name("skd-test")
+            found = exp and client.search_runs([exp.experiment_id], "tags.`mlflow.runName` = 'node-lost'")
+            return found[0] if found else None
+
+        def trained(steps: int) -> bool:
+            found = the_run()
+            return bool(found) and any(m.step >= steps for m in
+                                       client.get_metric_history(found.info.run_id, "train/loss"))
+
+        assert when(lambda: trained(20), run.is_alive, every_s=0.5), "the run ended before the node could go"
+        pool_t2 = pool.actors[1]._actor_id.hex()
+        info = state.actor_table(pool_t2)  # t2
+        assert info["State"] == "ALIVE" and info["Pid"] > 0, info
+        [node] = [n for n in cluster["teacher_node_handles"] if n.node_id == info["Address"]["NodeID"]]
+        raylets = [proc.pid for kind, proc in node.live_processes() if kind == "raylet"]
+        frozen.update([info["Pid"], *raylets, *(c.pid for r in raylets for c in psutil.Process(r).children(True))])
+        stopped = time.monotonic()
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        dropped = when(lambda: "skd.teacher_lost.t2" in the_run().data.tags, run.is_alive, timeout_s=700,
+                       every_s=0.5)
+        took = time.monotonic() - stopped
+        run.join(timeout=700)
+    finally:
+        for pid in frozen:  # the node is gone for good
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pool.close()
+    out = result["out"]
+    assert dropped, f"the run ended ({out.status}, {out.steps} steps) without dropping t2: {out.counts} " \
+                    f"{state.actor_table(pool_t2)['State']} {[(n['NodeID'][:8], n['Alive']) for n in ray.nodes()]}"
+    why = client.get_run(out.run_id).data.tags["skd.teacher_lost.t2"]
+    # Ray's GCS marks a silent node dead only after its health checks fail (about 65 s measured here with
+    # Ray's defaults), then NODE_GONE_S; the knowledge timeout would have been 600 s
+    assert took < 120 + NODE_GONE_S, f"t2 was dropped {took:.0f} s after its node went: {why}"
+    assert "gone" in why and "node" in why, why
+    assert out.status == "FINISHED" and out.steps == 400
+    print(f"t2 dropped {took:.1f} s after its node went: {why}")
