@@ -171,19 +171,20 @@ class PendingAnswers:
     averages logits over teachers when the request went to several (`actors.knowledge.average_logits`).
 
     Args:
-        refs: one object ref per asked teacher; teachers: their indices (same order).
+        actors: the teacher actors to ask (each is sent `knowledge(batch, request)` here and watched for a
+            lost node, `NodeWatch`); teachers: their indices (same order).
         teacher: the serving teacher's index, or -1 for an average over `teachers`.
+        batch: the `TokenBatch`, or an object ref to it (one copy shared by several actors).
         timeout_s: the knowledge timeout (None: wait forever).
-        actors: the asked actors (same order), watched for a lost node (`NodeWatch`); None: not watched.
     """
 
-    def __init__(self, refs: list[ray.ObjectRef], teachers: list[int], teacher: int,
-                 timeout_s: float | None = None, actors: list[ray.actor.ActorHandle] | None = None) -> None:
-        self._refs, self._teachers = refs, teachers
+    def __init__(self, actors: list[ray.actor.ActorHandle], teachers: list[int], teacher: int, batch,
+                 request: KnowledgeRequest, timeout_s: float | None = None) -> None:
+        self._refs = [actor.knowledge.remote(batch, request) for actor in actors]
+        self._actors, self._teachers = actors, teachers
         self.teacher = teacher
         self.timeout_s = timeout_s
-        self._actors = actors
-        for actor in actors or []:
+        for actor in actors:
             WATCH.learn(actor)
 
     def result(self) -> Knowledge:
@@ -221,9 +222,9 @@ class PendingAnswers:
         gone: dict[int, float] = {}  # teacher -> when its node was first seen gone (perf_counter s)
         while True:
             left = None if self.timeout_s is None else self.timeout_s - (time.perf_counter() - start)
-            slice_s = left if self._actors is None else WATCH_S if left is None else max(0.0, min(WATCH_S, left))
+            slice_s = WATCH_S if left is None else max(0.0, min(WATCH_S, left))
             ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=slice_s, fetch_local=True)
-            if len(ready) == len(self._refs) or self._actors is None or (left is not None and left <= slice_s):
+            if len(ready) == len(self._refs) or (left is not None and left <= slice_s):
                 return ready
             now = time.perf_counter()
             for k, ref, actor in zip(self._teachers, self._refs, self._actors):
@@ -353,8 +354,7 @@ class TeacherPool:
 
     def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
         """Ask teacher k for knowledge of a batch without waiting (prefetch)."""
-        return PendingAnswers([self.actors[k].knowledge.remote(batch, request)], [k], k, self.timeout_s,
-                              [self.actors[k]])
+        return PendingAnswers([self.actors[k]], [k], k, batch, request, self.timeout_s)
 
     def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest(),
                        teachers: list[int] | None = None) -> PendingAnswers:
@@ -362,8 +362,7 @@ class TeacherPool:
         returns the logits averaged over them."""
         teachers = self.live() if teachers is None else list(teachers)
         ref = ray.put(batch)  # one copy in the object store, shared by all teachers
-        return PendingAnswers([self.actors[k].knowledge.remote(ref, request) for k in teachers], teachers, -1,
-                              self.timeout_s, [self.actors[k] for k in teachers])
+        return PendingAnswers([self.actors[k] for k in teachers], teachers, -1, ref, request, self.timeout_s)
 
     def knowledge(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Knowledge:
         """Blocking form of `submit`."""

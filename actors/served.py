@@ -271,16 +271,14 @@ class ServedPool:
 
     def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
         """Ask teacher k without waiting (as `TeacherPool.submit`)."""
-        return PendingAnswers([self._actor(k).knowledge.remote(batch, request)], [k], k, self.timeout_s,
-                              [self._actor(k)])
+        return PendingAnswers([self._actor(k)], [k], k, batch, request, self.timeout_s)
 
     def submit_average(self, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest(),
                        teachers: list[int] | None = None) -> PendingAnswers:
         """Ask `teachers` (default: every live one) at once; `result()` averages their logits."""
         teachers = self.live() if teachers is None else list(teachers)
         ref = ray.put(batch)
-        return PendingAnswers([self._actor(k).knowledge.remote(ref, request) for k in teachers], teachers, -1,
-                              self.timeout_s, [self._actor(k) for k in teachers])
+        return PendingAnswers([self._actor(k) for k in teachers], teachers, -1, ref, request, self.timeout_s)
 
     def poll(self) -> int:
         """The newest membership version seen so far, without waiting (one directory call in flight). A
