@@ -320,7 +320,9 @@ class KnowledgeSource(Protocol):
     offline cache (`actors.cache.CacheReader`). The training loop and the knowledge feed see only this.
 
     Teacher indices are positions in `names` (the ensemble in config order). Implementations are
-    picklable, so the driver can hand one to Ray Train workers and Tune trials.
+    picklable, so the driver can hand one to Ray Train workers and Tune trials. A source of Ray actors may
+    also offer `actor_state(k) -> (state, restarts) | None` (`actors.pool.TeacherPool.actor_state`): the
+    feed then takes a dropped teacher back once Ray has restarted its actor.
     """
 
     @property

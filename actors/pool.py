@@ -62,6 +62,12 @@ class NodeWatch:
         if key not in self._nodes and time.monotonic() - self._looked.get(key, 0.0) >= 1.0:
             self._entry(actor)
 
+    def state(self, actor: ray.actor.ActorHandle) -> tuple[str, int] | None:
+        """`actor`'s (state, restarts) in the GCS actor table: state "ALIVE", "RESTARTING", "PENDING_CREATION",
+        "DEPENDENCIES_UNREADY" or "DEAD" (final), restarts the times Ray restarted it; None without GCS tables."""
+        info = self._entry(actor)
+        return None if info is None else (info["State"], int(info["NumRestarts"]))
+
     def down(self, actor: ray.actor.ActorHandle) -> str | None:
         """Why `actor` cannot answer for now: its node is gone and it is not ALIVE elsewhere
         ("node <id> gone, actor RESTARTING"); None while it is alive, restarting on a live node, or its
@@ -351,6 +357,11 @@ class TeacherPool:
     def stats_refs(self) -> dict[int, ray.ObjectRef]:
         """Each live teacher's `Teacher.stats()`, asked without waiting: teacher index -> reference."""
         return {k: self.actors[k].stats.remote() for k in self.live()}
+
+    def actor_state(self, k: int) -> tuple[str, int] | None:
+        """Teacher k's actor as the GCS sees it now: (state, restarts), see `NodeWatch.state`. The knowledge
+        feed asks it for teachers it dropped, to take one back once Ray has restarted its actor."""
+        return WATCH.state(self.actors[k])
 
     def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
         """Ask teacher k for knowledge of a batch without waiting (prefetch)."""

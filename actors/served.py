@@ -26,7 +26,7 @@ import ray
 from actors.errors import SkdError
 from actors.knowledge import KnowledgeRequest, TokenBatch
 from actors.manifest import TeacherInfo
-from actors.pool import PendingAnswers
+from actors.pool import WATCH, PendingAnswers
 
 NAMESPACE_PREFIX = "skd-pool-"
 DIRECTORY = "directory"
@@ -268,6 +268,10 @@ class ServedPool:
     def stats_refs(self) -> dict[int, ray.ObjectRef]:
         """Each live teacher's `Teacher.stats()`, asked without waiting (as `TeacherPool.stats_refs`)."""
         return {k: self._actor(k).stats.remote() for k in self.live()}
+
+    def actor_state(self, k: int) -> tuple[str, int] | None:
+        """Teacher k's actor as the GCS sees it now (as `TeacherPool.actor_state`)."""
+        return WATCH.state(self._actor(k))
 
     def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> PendingAnswers:
         """Ask teacher k without waiting (as `TeacherPool.submit`)."""

@@ -176,3 +176,39 @@ def newest_verified(first: Path, others: Iterable[Path]) -> tuple[Path, list[str
         refused.append(f"step {checkpoint_step(folder)}: {problem}")
     raise CheckpointError("no checkpoint of this run can be trusted: " + "; ".join(refused)
                           + ". Start the run again without --resume (or restore the files from a copy)")
+
+
+def newest_verified_on_rank_0(first: Path, others: Iterable[Path], rank: int, world: int,
+                              device=None) -> tuple[Path, list[str]]:
+    """`newest_verified` for a data-parallel group: rank 0 hashes the files (once, not once per rank) and
+    broadcasts its choice (step, refusals, or the error) to the other ranks (torch.distributed, on `device`
+    as NCCL needs), so every rank loads the same checkpoint even where their views of a shared file system
+    differ. Every rank must call it; world 1 is `newest_verified`.
+
+    Raises:
+        CheckpointError: on every rank: none verifies on rank 0, or a rank cannot see the one rank 0 chose.
+    """
+    from actors.errors import CheckpointError
+
+    others = list(others)
+    if world == 1:
+        return newest_verified(first, others)
+    import torch.distributed as dist
+
+    box: list = [None]
+    if rank == 0:
+        try:
+            folder, refused = newest_verified(first, others)
+            box = [(checkpoint_step(folder), refused, None)]
+        except CheckpointError as exc:
+            box = [(None, [], str(exc))]
+    dist.broadcast_object_list(box, src=0, device=device)
+    step, refused, error = box[0]
+    if error is not None:
+        raise CheckpointError(error)
+    mine = [f for f in [first, *others] if checkpoint_step(f) == step]
+    if not mine:
+        raise CheckpointError(f"rank {rank} cannot read the checkpoint of step {step} that rank 0 verified (it sees "
+                              f"{', '.join(str(f) for f in [first, *others])}): give every worker the same "
+                              f"ray.storage_path")
+    return mine[0], refused

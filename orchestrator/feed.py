@@ -12,7 +12,12 @@ knowledge timeout) are dropped: every step the ranks agree on the teachers lost 
 collective over the data-parallel group), so all ranks drop the same teachers at the same step, draw the
 step again from p renormalised over the live teachers (the same generator on every rank, so the same
 teacher), and go on; `average` averages over the live teachers. With no teacher left the feed raises
-`TeachersLostError`, and its state is that of the step before, for a checkpoint to resume from.
+`TeachersLostError`, and its state is that of the step before, for a checkpoint to resume from. A teacher
+dropped while its actor was down (its node gone, Ray restarting it) comes back when Ray has restarted it:
+each rank looks the dropped actors up at most every `RETURN_CHECK_S` seconds (`source.actor_state`), the
+ranks agree on the union in the same collective, and the teacher is asked again from the next step's draw on
+every rank (event "back"). One dropped while its actor stayed ALIVE (silent past the timeout) comes back
+only after Ray restarts it; one killed for good (DEAD) never.
 
 An elastic source (a served pool, `actors.served.ServedPool`) changes membership while the run trains:
 each step the feed polls the pool's version without waiting, the ranks agree on the newest version any of
@@ -30,6 +35,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import time
+
 import numpy as np
 
 from actors.errors import TeacherLostError, TeachersLostError
@@ -39,6 +46,9 @@ from orchestrator.sampling import TeacherSampler
 from orchestrator.schedule import Stage, stage_at
 
 SOFT_LABELS_ONLY = Stage((), True)
+
+RETURN_CHECK_S = 2.0
+"""Seconds between one rank's lookups of the actors of teachers dropped while down (see the module docstring)."""
 
 
 class KnowledgeFeed:
@@ -58,9 +68,10 @@ class KnowledgeFeed:
         schedule / ir_fraction: the IR schedule (see `orchestrator.schedule.stage_at`).
         prefetch: request step t+1 when step t's answer arrives (False: request each step only when the
             loop asks for its knowledge, so teacher and student run in turn).
-        agree: (teachers this rank found lost at a step, the pool version it saw) -> (the union of the lost
-            teachers, the newest version) over all data-parallel ranks; called by every rank at every step (a
-            collective). Default: this rank's values (one worker).
+        agree: (teachers this rank found lost at a step, the pool version it saw, dropped teachers it found
+            restarted) -> (the union of the lost teachers, the newest version, the union of the restarted) over
+            all data-parallel ranks; called by every rank at every step (a collective). Default: this rank's
+            values (one worker).
         reweigh: (the run's teacher infos [N], live indices) -> [N] p after an elastic source's membership
             changed (`orchestrator.sampling.Reweigh`); None: renormalise p over the live teachers.
         key: the run's key for the pool's record of applied changes (the MLflow run id); None: not recorded.
@@ -76,14 +87,15 @@ class KnowledgeFeed:
     def __init__(self, source: KnowledgeSource | None, batches: Callable[[int], dict[str, np.ndarray]], world: int,
                  total: int, strategy: str = "skd", probs: list[float] | None = None, seed: int = 0,
                  request: KnowledgeRequest = KnowledgeRequest(), schedule: str = "none", ir_fraction: float = 0.5,
-                 prefetch: bool = True, agree: Callable[[list[int], int], tuple[list[int], int]] | None = None,
+                 prefetch: bool = True,
+                 agree: Callable[[list[int], int, list[int]], tuple[list[int], int, list[int]]] | None = None,
                  reweigh: Callable[[Sequence[Any], list[int]], Sequence[float]] | None = None,
                  key: str | None = None, widths: Sequence[int] | None = None,
                  adaptive: AdaptiveSettings | None = None) -> None:
         self.source, self.batches, self.world, self.total = source, batches, world, total
         self.strategy, self.request, self.prefetch = strategy, request, prefetch
         self.schedule, self.ir_fraction = schedule, ir_fraction
-        self.agree = agree or (lambda lost, seen: (lost, seen))
+        self.agree = agree or (lambda lost, seen, back: (lost, seen, back))
         self.elastic = source if getattr(source, "elastic", False) else None
         self.reweigh, self.key, self.widths = reweigh, key, None if widths is None else set(widths)
         self.replay: dict[int, int] = {}  # 0-based step -> pool version to apply before its draw (resume)
@@ -97,6 +109,8 @@ class KnowledgeFeed:
         if self.elastic is not None and self.sampler is not None and reweigh is not None:
             self.sampler.set_probs(reweigh(source.infos, self._live))  # members the pool no longer serves: 0
         self.lost: dict[int, tuple[int, str]] = {}  # teacher -> (0-based step, reason)
+        self._down: dict[int, tuple[str, int]] = {}  # dropped teacher -> its actor's (state, restarts) then
+        self._looked = float("-inf")  # when this rank last looked the dropped actors up (monotonic s)
         self.events: list[tuple[int, str, int, str]] = []  # (step, kind, teacher, detail); see `drain_events`
         self._pending: tuple[int, PendingKnowledge] | None = None
         self._sampler_before_pending: dict[str, Any] | None = None
@@ -188,20 +202,24 @@ class KnowledgeFeed:
                 self._stop_at(step)
                 raise
             self._pending = None
-            lost, seen = self.agree(sorted(found), self.elastic.poll() if self.elastic else 0)  # same on every rank
+            lost, seen, back = self.agree(sorted(found), self.elastic.poll() if self.elastic else 0,
+                                          self._restarted())  # the same on every rank
             if not lost:
                 break
             for k in sorted(set(lost)):
                 if k in self._live:
-                    reason = found.get(k, "lost on another data-parallel worker")
-                    self.lost[k] = (step, reason)
-                    self.events.append((step, "lost", k, reason))
-                    self._live.remove(k)
+                    self._drop(step, k, found.get(k, "lost on another data-parallel worker"))
         served = len(self.batches(step)["ids"]) * self.world
         for k in ([knowledge.teacher] if knowledge.teacher >= 0 else self._live):
             self.counts[k] += served
         if self.adaptive is not None and knowledge.teacher >= 0:
             self.adaptive.taught(knowledge.teacher)
+        for k in back:  # asked again from the next step's draw (it was in the run: its width has a projection)
+            if k in self.lost and step + 1 < self.total:  # any rank's sight counts: the same on every rank
+                self._down.pop(k, None)
+                del self.lost[k]
+                self._live = sorted(set(self._live) | {k})
+                self.events.append((step + 1, "back", k, "its actor was restarted"))
         if self.elastic is not None and step + 1 < self.total:
             self._follow(step + 1, seen)
         if self.prefetch and step + 1 < self.total:
@@ -211,6 +229,29 @@ class KnowledgeFeed:
             except TeachersLostError:
                 pass  # raised again, with the checkpoint state, when step + 1 asks for its knowledge
         return knowledge
+
+    def _drop(self, step: int, k: int, reason: str) -> None:
+        """Teacher k is lost at 0-based `step`: not asked again unless its actor was down then and Ray
+        restarts it (`_restarted`)."""
+        self.lost[k] = (step, reason)
+        self.events.append((step, "lost", k, reason))
+        self._live.remove(k)
+        state = self.source.actor_state(k) if hasattr(self.source, "actor_state") else None
+        if state is not None and state[0] != "DEAD":  # DEAD is final: killed for good or restarts used up
+            self._down[k] = state
+
+    def _restarted(self) -> list[int]:
+        """The dropped teachers whose actor is ALIVE again after it was down when dropped, or was restarted
+        since (this rank's view, looked up at most every `RETURN_CHECK_S` seconds)."""
+        if not self._down or time.monotonic() - self._looked < RETURN_CHECK_S:
+            return []
+        self._looked = time.monotonic()
+        back = []
+        for k, (state, restarts) in sorted(self._down.items()):
+            now = self.source.actor_state(k)
+            if now is not None and now[0] == "ALIVE" and (state != "ALIVE" or now[1] > restarts):
+                back.append(k)
+        return back
 
     def _follow(self, step: int, seen: int) -> None:
         """Apply the pool version due before 0-based `step`'s draw: a recorded one while replaying a resumed
@@ -228,6 +269,7 @@ class KnowledgeFeed:
         for k in left:
             if k in self._live:
                 self._live.remove(k)
+            self._down.pop(k, None)  # left the pool: not taken back when its actor restarts
             self.events.append((step, "leave", k, f"pool version {target}"))
         for k in joined:
             self._join(step, k, f"pool version {target}")
@@ -264,7 +306,8 @@ class KnowledgeFeed:
 
     def drain_events(self) -> list[tuple[int, str, int, str]]:
         """Membership events since the last call: (0-based step, kind, teacher index, detail), kind "lost"
-        (detail: the reason), "join", "leave" or "skip" (an elastic pool's change applied before that step)."""
+        (detail: the reason), "back" (a dropped teacher restarted, asked again from that step), "join", "leave"
+        or "skip" (an elastic pool's change applied before that step)."""
         events, self.events = self.events, []
         return events
 
@@ -293,7 +336,7 @@ class KnowledgeFeed:
         pool = state.get("pool")
         start = int(state.get("step", 0))
         if self.elastic is not None and pool is not None:
-            latest = self.agree([], self.elastic.latest())[1]  # every rank follows the same version
+            latest = self.agree([], self.elastic.latest(), [])[1]  # every rank follows the same version
             if pool.get("identity", self.elastic.identity) != self.elastic.identity or pool["version"] > latest:
                 self._rebase(start, pool, latest)  # served anew since the checkpoint: follow it as it is now
             else:
@@ -307,7 +350,7 @@ class KnowledgeFeed:
         if self.elastic is not None and pool is not None and not self._drawable() and start not in self.replay:
             # stopped with no teacher left (or none with probability): follow the pool as it is now, so
             # teachers added since serve the resumed run (the ranks agree on the version first)
-            latest = self.agree([], self.elastic.latest())[1]
+            latest = self.agree([], self.elastic.latest(), [])[1]
             if latest > self.elastic.version:
                 self._apply(start, latest)
         self.counts = list(state.get("counts") or self.counts)
@@ -331,6 +374,7 @@ class KnowledgeFeed:
         self._live = sorted(before & now)
         detail = f"pool served anew, version {self.elastic.version}"
         for k in sorted(before - now):
+            self._down.pop(k, None)
             self.events.append((step, "leave", k, detail))
         for k in sorted(now - before):
             self._join(step, k, detail)

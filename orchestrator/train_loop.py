@@ -24,7 +24,7 @@ import torch
 
 from actors.errors import TeachersLostError
 from actors.knowledge import Knowledge
-from orchestrator.checkpointing import newest_verified
+from orchestrator.checkpointing import newest_verified_on_rank_0
 from orchestrator.data import StepBatches, is_labelled
 from orchestrator.console import progress_line
 from orchestrator.control import StopPoller
@@ -101,16 +101,19 @@ class DistillRecipe:
         """The run's teacher names, [N] (grows when teachers join a served pool)."""
         return self.feed.names
 
-    def _agree(self, lost: list[int], seen: int) -> tuple[list[int], int]:
-        """The union over data-parallel ranks of the teachers each found lost at this step, and the newest
-        pool version any rank saw (an [N + 1] vector through `_max_over_ranks`; every rank calls it every
-        step, with the same N since every rank applies the same pool versions at the same steps)."""
-        values = self._max_over_ranks([int(k in lost) for k in range(len(self.names))] + [seen])
-        return [k for k, flag in enumerate(values[:-1]) if flag], values[-1]
+    def _agree(self, lost: list[int], seen: int, back: list[int]) -> tuple[list[int], int, list[int]]:
+        """The union over data-parallel ranks of the teachers each found lost at this step, the newest pool
+        version any rank saw, and the union of the dropped teachers each found restarted (a [2N + 1] vector
+        through `_max_over_ranks`; every rank calls it every step, with the same N since every rank applies
+        the same pool versions at the same steps)."""
+        n = len(self.names)
+        values = self._max_over_ranks([int(k in lost) for k in range(n)] + [seen] + [int(k in back) for k in range(n)])
+        return [k for k in range(n) if values[k]], values[n], [k for k in range(n) if values[n + 1 + k]]
 
     def _resume(self) -> int:
         """The first step to train: 0, or the step of Ray Train's latest (else the explicit) checkpoint. A
-        checkpoint is verified against its manifest first (`checkpointing.newest_verified`); one that fails
+        checkpoint is verified against its manifest first, by rank 0 for all ranks
+        (`checkpointing.newest_verified_on_rank_0`); one that fails
         is passed over for the newest earlier one of the run that verifies (said on the console, tagged
         `skd.checkpoint_refused` in MLflow), and with none left `CheckpointError` names each file at fault."""
         self.refused: list[str] = []
@@ -123,7 +126,8 @@ class DistillRecipe:
             self.feed.start_fresh()
             return 0
         with checkpoint.as_directory() as path:
-            folder, self.refused = newest_verified(Path(path), others)
+            folder, self.refused = newest_verified_on_rank_0(Path(path), others, self.rank, self.world,
+                                                             self.trainer.device)
             state = self.trainer.load(folder)
         self.feed.load_state_dict(state)
         self.skipped = int(state.get("nonfinite_skipped", 0))
@@ -215,6 +219,7 @@ class DistillRecipe:
         """The feed's membership events, from rank 0: a progress line, `teachers/alive` and, for a served
         pool's changes, `pool/version` and the new p (`sampler/p/<name>`) at the 1-based step they apply to,
         and one run tag per teacher and event (`skd.teacher_lost.<name>` = "step S: reason",
+        `skd.teacher_back.<name>` = "step S: its actor was restarted",
         `skd.pool.<join|leave|skip>.<name>` = "step S: pool version V"). Joining teachers' widths reach
         the trainer (IR losses pick the projection by width)."""
         events = self.feed.drain_events()
@@ -224,9 +229,10 @@ class DistillRecipe:
             return
         for at, kind, k, detail in events:
             left = ", ".join(self.names[i] for i in self.feed.live())
-            what = {"lost": "lost", "join": "joined", "leave": "left", "skip": "not asked"}[kind]
+            what = {"lost": "lost", "back": "back", "join": "joined", "leave": "left", "skip": "not asked"}[kind]
             print(f"[skd] teacher {self.names[k]} {what} at step {at + 1} ({detail}); teachers: {left}", flush=True)
-            tag = f"skd.teacher_lost.{self.names[k]}" if kind == "lost" else f"skd.pool.{kind}.{self.names[k]}"
+            tag = (f"skd.teacher_{kind}.{self.names[k]}" if kind in ("lost", "back")
+                   else f"skd.pool.{kind}.{self.names[k]}")
             self.logger.set_tag(tag, f"step {at + 1}: {detail}")
             self.logger.log({"teachers/alive": len(self.feed.live()), **self._pool_metrics()}, at + 1)
 

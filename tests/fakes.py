@@ -31,13 +31,15 @@ class Lost:
 class FakeSource:
     """Teachers `names` answer with `answer(k, batch, request)`; every call is recorded in `calls` as
     `record(kind, k, batch, request)` ("submit" or "average", k = -1 for the average). A teacher in `dead`
-    answers with `TeacherLostError` (the test adds to it to kill one)."""
+    answers with `TeacherLostError` (the test adds to it to kill one); `states[k]` is what `actor_state(k)`
+    says of its actor ((state, restarts), None when absent), as a Ray teacher pool's GCS lookup would."""
 
     def __init__(self, names: list[str], answer: Callable[[int, TokenBatch, KnowledgeRequest], Knowledge],
                  record: Callable[[str, int, TokenBatch, KnowledgeRequest], Any] | None = None) -> None:
         self._names, self.answer, self.calls, self.closed = names, answer, [], False
         self.describe_call = record or (lambda kind, k, batch, request: (kind, k, batch, request))
         self.dead: set[int] = set()
+        self.states: dict[int, tuple[str, int]] = {}
 
     @property
     def names(self) -> list[str]:
@@ -45,6 +47,9 @@ class FakeSource:
 
     def live(self) -> list[int]:
         return list(range(len(self._names)))
+
+    def actor_state(self, k: int) -> tuple[str, int] | None:
+        return self.states.get(k)
 
     def submit(self, k: int, batch: TokenBatch, request: KnowledgeRequest = KnowledgeRequest()) -> Answered:
         self.calls.append(self.describe_call("submit", k, batch, request))

@@ -123,3 +123,12 @@ def teacher_requests(pool) -> int:
     import ray
 
     return sum(ray.get(a.stats.remote())["requests"] for a in pool.actors.values())
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of an MLflow metric, the last value logged per step (a restarted worker logs some steps
+    twice)."""
+    last = {}
+    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
+        last[m.step] = m.value
+    return sorted(last.items())

@@ -4,7 +4,8 @@ no work, two teacher nodes that declare a GPU (which this machine does not have)
 their placement group and serve on what torch sees (CPU), that a plan the cluster cannot hold is refused
 before anything starts, that a distill run spread over the nodes logs to a real MLflow server (proxied
 artifacts), that `skd` without `ray.address` starts its own Ray beside this one instead of attaching to
-it, and (last: it removes a node) that a teacher whose node goes mid-run is dropped within seconds."""
+it, and (last: it removes a node) that a teacher whose node goes mid-run is dropped within seconds and asked
+again once a new node lets Ray restart its actor."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from tests.tiny import make_tiny_teachers
 
 TEACHER_NODE = {"num_cpus": 1, "num_gpus": 1, "resources": {"skd-teacher": 1}}
 STUDENT_NODE = {"num_cpus": 2, "resources": {"skd-student": 1}}
+HEALTH_CHECK = {"health_check_period_ms": 1000, "health_check_timeout_ms": 3000, "health_check_failure_threshold": 5}
+"""The GCS's node health checks, tighter than Ray's defaults (3 s period, 10 s timeout, 5 failures: a silent node
+is marked dead after about 65 s): after 5 to 20 s here, as `ray start --head --system-config` can set them."""
 ON_NODES = ["teachers.num_gpus=1", "teachers.num_cpus=0.5", "teachers.placement=STRICT_SPREAD",
             "teachers.resources={skd-teacher: 1}", "ray.resources_per_worker={skd-student: 1}"]
 
@@ -40,7 +44,8 @@ def cluster(tiny_model, tmp_path_factory):
     (tmp / "mlflow").mkdir()
     server = start_mlflow_server(port, tmp / "mlflow")  # first: if it fails, no Ray is left for later modules
     uri = f"http://127.0.0.1:{port}"
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                          "_system_config": HEALTH_CHECK})
 
     section = {}
 
@@ -161,13 +166,14 @@ def test_skd_without_ray_address_starts_its_own_ray_beside_this_one_and_attaches
     assert "Connected to Ray cluster" in attached.stdout + attached.stderr
 
 
-def test_a_teacher_whose_node_goes_mid_run_is_dropped_within_seconds_and_the_run_finishes(cluster):
+def test_a_teacher_whose_node_goes_is_dropped_within_seconds_and_rejoins_once_ray_restarts_it(cluster):
     """Last in the module: it takes a teacher node away. The node goes as a machine that loses power or its
     network does: its raylet and every worker it started stop answering at once (SIGSTOP; a killed process
     on one machine refuses connections, which Ray reports at once, while a lost machine just goes quiet).
     Its actor cannot restart (STRICT_SPREAD: no node for its bundle), so before the node watch the run
     waited for the 600 s knowledge timeout; now the teacher is dropped once the GCS marks the node dead
-    plus `NODE_GONE_S`."""
+    plus `NODE_GONE_S`. Then a new teacher node joins the cluster: Ray places the bundle there and restarts
+    the actor, and the run asks t2 again within seconds and finishes."""
     import contextlib
     import os
     import signal
@@ -178,9 +184,9 @@ def test_a_teacher_whose_node_goes_mid_run_is_dropped_within_seconds_and_the_run
     from ray._private.state import state
 
     from actors.pool import NODE_GONE_S
-    from tests.faultkit import when
+    from tests.faultkit import history, when
 
-    cfg = cluster["cfg"](*ON_NODES, "mlflow.run_name=node-lost", "distill.max_steps=400", "distill.eval_every=400",
+    cfg = cluster["cfg"](*ON_NODES, "mlflow.run_name=node-lost", "distill.max_steps=1000", "distill.eval_every=1000",
                          "distill.log_every=5", "teachers.knowledge_timeout_s=600")
     plan = make_plan(cfg)
     pool = start_pool(plan, plan.resources(ray.cluster_resources(), len(plan.active)), plan.active)
@@ -192,6 +198,9 @@ def test_a_teacher_whose_node_goes_mid_run_is_dropped_within_seconds_and_the_run
             exp = client.get_experiment_by_name("skd-test")
             found = exp and client.search_runs([exp.experiment_id], "tags.`mlflow.runName` = 'node-lost'")
             return found[0] if found else None
+
+        def tags() -> dict:
+            return the_run().data.tags
 
         def trained(steps: int) -> bool:
             found = the_run()
@@ -209,9 +218,13 @@ def test_a_teacher_whose_node_goes_mid_run_is_dropped_within_seconds_and_the_run
         for pid in frozen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
-        dropped = when(lambda: "skd.teacher_lost.t2" in the_run().data.tags, run.is_alive, timeout_s=700,
-                       every_s=0.5)
+        dropped = when(lambda: "skd.teacher_lost.t2" in tags(), run.is_alive, timeout_s=700, every_s=0.5)
         took = time.monotonic() - stopped
+        if dropped:  # a machine takes the lost one's place: the bundle has a node again
+            cluster["nodes"].add_node(**TEACHER_NODE)
+            added = time.monotonic()
+            back = when(lambda: "skd.teacher_back.t2" in tags(), run.is_alive, timeout_s=300, every_s=0.5)
+            returned = time.monotonic() - added
         run.join(timeout=700)
     finally:
         for pid in frozen:  # the node is gone for good
@@ -221,10 +234,21 @@ def test_a_teacher_whose_node_goes_mid_run_is_dropped_within_seconds_and_the_run
     out = result["out"]
     assert dropped, f"the run ended ({out.status}, {out.steps} steps) without dropping t2: {out.counts} " \
                     f"{state.actor_table(pool_t2)['State']} {[(n['NodeID'][:8], n['Alive']) for n in ray.nodes()]}"
-    why = client.get_run(out.run_id).data.tags["skd.teacher_lost.t2"]
-    # Ray's GCS marks a silent node dead only after its health checks fail (about 65 s measured here with
-    # Ray's defaults), then NODE_GONE_S; the knowledge timeout would have been 600 s
-    assert took < 120 + NODE_GONE_S, f"t2 was dropped {took:.0f} s after its node went: {why}"
+    run_tags = client.get_run(out.run_id).data.tags
+    why = run_tags["skd.teacher_lost.t2"]
+    # the GCS marks a silent node dead after its health checks fail (HEALTH_CHECK: 5 to 20 s), then NODE_GONE_S;
+    # the knowledge timeout would have been 600 s
+    assert took < 40 + NODE_GONE_S, f"t2 was dropped {took:.0f} s after its node went: {why}"
     assert "gone" in why and "node" in why, why
-    assert out.status == "FINISHED" and out.steps == 400
-    print(f"t2 dropped {took:.1f} s after its node went: {why}")
+    assert back, f"t2 did not come back before the run ended ({out.status}, {out.steps} steps, {out.counts})"
+    lost_step = int(why.split(":")[0].removeprefix("step "))
+    back_step = int(run_tags["skd.teacher_back.t2"].split(":")[0].removeprefix("step "))
+    teachers = dict(history(client, out.run_id, "train/teacher"))
+    assert all(teachers[s] == 0.0 for s in range(lost_step, back_step))  # t4 alone while t2 was out
+    assert any(teachers[s] == 1.0 for s in range(back_step, 1001))  # t2 teaches again
+    alive = dict(history(client, out.run_id, "teachers/alive"))
+    assert alive[lost_step] == 1.0 and alive[back_step] == 2.0 and alive[1000] == 2.0
+    assert out.status == "FINISHED" and out.steps == 1000
+    print(f"t2 dropped {took:.1f} s after its node went ({why}); back {returned:.1f} s after a new node joined, "
+          f"at step {back_step}")
+

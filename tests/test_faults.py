@@ -19,8 +19,8 @@ from orchestrator.plan import make_plan
 from orchestrator.sources import start_pool
 from orchestrator.teachers import prepare_teachers
 from tests.conftest import tiny_raw
-from tests.faultkit import (checkpoint_registered, checkpoint_written, kill_workers, start_mlflow_server, stop,
-                            teacher_requests, when)
+from tests.faultkit import (checkpoint_registered, checkpoint_written, history, kill_workers, start_mlflow_server,
+                            stop, teacher_requests, when)
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,6 @@ def env(tiny_model, tmp_path_factory):
     prepare_teachers(cfg())
     yield {"cfg": cfg, "client": MlflowClient(cfg().tracking_uri()), "tmp": tmp}
     ray.shutdown()
-
-
-def history(client, run_id, key):
-    """(step, value) of a metric, the last value logged per step (a restarted worker logs some steps twice)."""
-    last = {}
-    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
-        last[m.step] = m.value
-    return sorted(last.items())
 
 
 def shared_pool(cfg):

@@ -142,18 +142,22 @@ class Union:
         self.gather = threading.Barrier(ranks)
         self.reset = threading.Barrier(ranks, action=self._clear)
 
+        self.back: set[int] = set()
+
     def _clear(self) -> None:
         self.found.clear()
+        self.back.clear()
         self.seen[0] = 0
 
-    def __call__(self, lost: list[int], seen: int) -> tuple[list[int], int]:
+    def __call__(self, lost: list[int], seen: int, back: list[int]) -> tuple[list[int], int, list[int]]:
         with self.lock:
             self.found.update(lost)
+            self.back.update(back)
             self.seen[0] = max(self.seen[0], seen)
         self.gather.wait(timeout=10)
-        union, newest = sorted(self.found), self.seen[0]
+        union, newest, restarted = sorted(self.found), self.seen[0], sorted(self.back)
         self.reset.wait(timeout=10)
-        return union, newest
+        return union, newest, restarted
 
 
 def test_ranks_drop_the_same_teacher_at_the_same_step_when_only_one_saw_it_die():
@@ -169,6 +173,69 @@ def test_ranks_drop_the_same_teacher_at_the_same_step_when_only_one_saw_it_die()
     assert feeds[0].lost.keys() == feeds[1].lost.keys() == {0}
     assert feeds[0].lost[0][0] == feeds[1].lost[0][0]  # the same step on both ranks
     assert feeds[0].lost[0][1] == "lost on another data-parallel worker" and feeds[0].counts == feeds[1].counts
+
+
+def test_a_teacher_dropped_while_its_actor_restarts_is_asked_again_once_ray_restarted_it(monkeypatch):
+    """Teacher 0 is dropped while its actor is RESTARTING (its node gone) and comes back ALIVE; teacher 1 is
+    dropped while ALIVE (silent past the timeout) and stays out until Ray restarts it; teacher 2 is DEAD.
+    Both ranks take 0 back at the same step though only rank 1 looked it up in time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator import feed as feed_module
+
+    monkeypatch.setattr(feed_module, "RETURN_CHECK_S", 0.0)  # look the dropped actors up at every step
+    agree, sources = Union(2), [FakeSource(3), FakeSource(3)]
+    feeds = [feed(src, agree=agree, total=40, probs=[1 / 3] * 3) for src in sources]
+
+    def train(rank: int) -> list[int]:
+        src, f, served = sources[rank], feeds[rank], []
+        for s in range(40):
+            if s == 3:
+                src.dead.update({0, 1})
+                src.states.update({0: ("RESTARTING", 1), 1: ("ALIVE", 0)})
+            if s == 15:
+                src.dead.discard(0)
+                src.states[0] = ("ALIVE", 1) if rank == 1 else ("RESTARTING", 1)  # rank 0 has not seen it yet
+                src.states[1] = ("ALIVE", 0)  # still silent, never restarted: not taken back
+            served.append(f.next_knowledge(s).teacher)
+        return served
+
+    with ThreadPoolExecutor(2) as pool:
+        served = list(pool.map(train, [0, 1]))
+    assert served[0] == served[1]
+    events = [feeds[r].drain_events() for r in range(2)]
+    assert events[0] == events[1]
+    back = [(s, k) for s, kind, k, _ in events[0] if kind == "back"]
+    assert back == [(16, 0)]  # seen at step 15's agreement (0-based), asked from step 16's draw on
+    lost_at = {k: s for s, kind, k, _ in events[0] if kind == "lost"}
+    assert set(lost_at) == {0, 1} and all(3 <= s < 15 for s in lost_at.values())
+    assert 0 not in served[0][max(lost_at.values()) + 1:16] and 0 in served[0][16:]
+    assert 1 not in served[0][max(lost_at.values()) + 1:]
+    assert feeds[0].live() == [0, 2] and set(feeds[0].lost) == {1}
+
+
+def test_a_dropped_teacher_whose_actor_is_dead_or_silent_is_never_looked_up_again_unless_restarted(monkeypatch):
+    from orchestrator import feed as feed_module
+
+    monkeypatch.setattr(feed_module, "RETURN_CHECK_S", 0.0)
+    source = FakeSource(2)
+    f = feed(source, world=1, total=30, probs=[0.5, 0.5])
+    source.dead.add(1)
+    source.states[1] = ("DEAD", 2)  # restarts used up (or killed for good): final
+    served = [f.next_knowledge(s).teacher for s in range(10)]
+    source.dead.discard(1)
+    source.states[1] = ("ALIVE", 3)  # cannot happen in Ray; a DEAD actor is not even looked up again
+    served += [f.next_knowledge(s).teacher for s in range(10, 30)]
+    assert f.live() == [0] and 1 in f.lost and served.count(1) == 0
+    g = feed(FakeSource(2), world=1, total=30, probs=[0.5, 0.5])
+    g.source.dead.add(1)
+    g.source.states[1] = ("ALIVE", 0)  # silent past the knowledge timeout
+    served = [g.next_knowledge(s).teacher for s in range(10)]
+    g.source.dead.discard(1)
+    assert [g.next_knowledge(s).teacher for s in range(10, 12)] and g.live() == [0]
+    g.source.states[1] = ("ALIVE", 1)  # Ray restarted it since: taken back
+    served = [g.next_knowledge(s).teacher for s in range(12, 30)]
+    assert g.live() == [0, 1] and 1 in served and [e[1] for e in g.drain_events()] == ["lost", "back"]
 
 
 def test_average_goes_on_over_the_live_teachers():
