@@ -181,9 +181,9 @@ def test_a_teacher_dropped_while_its_actor_restarts_is_asked_again_once_ray_rest
     Both ranks take 0 back at the same step though only rank 1 looked it up in time."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from orchestrator import feed as feed_module
+    from orchestrator import membership
 
-    monkeypatch.setattr(feed_module, "RETURN_CHECK_S", 0.0)  # look the dropped actors up at every step
+    monkeypatch.setattr(membership, "RETURN_CHECK_S", 0.0)  # look the dropped actors up at every step
     agree, sources = Union(2), [FakeSource(3), FakeSource(3)]
     feeds = [feed(src, agree=agree, total=40, probs=[1 / 3] * 3) for src in sources]
 
@@ -215,9 +215,9 @@ def test_a_teacher_dropped_while_its_actor_restarts_is_asked_again_once_ray_rest
 
 
 def test_a_dropped_teacher_whose_actor_is_dead_or_silent_is_never_looked_up_again_unless_restarted(monkeypatch):
-    from orchestrator import feed as feed_module
+    from orchestrator import membership
 
-    monkeypatch.setattr(feed_module, "RETURN_CHECK_S", 0.0)
+    monkeypatch.setattr(membership, "RETURN_CHECK_S", 0.0)
     source = FakeSource(2)
     f = feed(source, world=1, total=30, probs=[0.5, 0.5])
     source.dead.add(1)
@@ -369,7 +369,7 @@ def test_a_resumed_run_applies_recorded_changes_at_their_steps_not_when_it_polls
     resumed_source.published, resumed_source.version, resumed_source.records = 1, 1, source.records  # attached later
     resumed = elastic_feed(resumed_source, prefetch=prefetch)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # checkpoints hold JSON
-    assert resumed.names == ["t0", "t1"] and resumed.replay == {7: 1}
+    assert resumed.names == ["t0", "t1"] and resumed.members.replay == {7: 1}
     assert [resumed.next_knowledge(s).teacher for s in range(3, 16)] == got[3:]
 
 
@@ -413,7 +413,7 @@ def test_a_run_resumed_on_a_pool_served_anew_follows_it_by_name_not_by_its_old_v
     resumed = elastic_feed(anew)
     resumed.load_state_dict(state)
     assert resumed.names == ["t0", "t1", "t2"] and anew.members == [1, 0, 2] and resumed.live() == [0, 1]
-    assert resumed.replay == {} and resumed.probs == pytest.approx([0.5, 0.5, 0.0])
+    assert resumed.members.replay == {} and resumed.probs == pytest.approx([0.5, 0.5, 0.0])
     assert [(s, kind, k) for s, kind, k, d in resumed.drain_events()] == [(4, "leave", 2), (4, "join", 0)]
     assert {resumed.next_knowledge(s).teacher for s in range(4, 16)} == {0, 1}
 
@@ -426,3 +426,32 @@ def test_begin_with_no_teacher_to_ask_leaves_the_error_to_the_step():
     f.begin(0)  # nothing sent, nothing raised: the loop's step reports it with a checkpoint
     with pytest.raises(TeachersLostError, match="sampling probability 0"):
         f.next_knowledge(0)
+
+
+def test_membership_settles_a_step_and_applies_what_comes_back_from_the_next_step_only(monkeypatch):
+    """`Membership` alone: the agreement drops what any rank lost, and a teacher back is live from step + 1,
+    never after the run's last step."""
+    from orchestrator import membership
+    from orchestrator.membership import Membership
+
+    monkeypatch.setattr(membership, "RETURN_CHECK_S", 0.0)
+    seen_by_agree = []
+
+    def agree(lost, seen, back):  # another rank lost teacher 2 at this step
+        seen_by_agree.append((lost, seen, back))
+        return sorted(set(lost) | {2}), seen, back
+
+    source = FakeSource(3)
+    m = Membership(source, agree=agree)
+    source.states[0] = ("RESTARTING", 1)
+    again, seen, back = m.settle(4, {0: "node gone"})
+    assert again and m.live() == [1] and m.lost == {0: (4, "node gone"), 2: (4, "lost on another data-parallel worker")}
+    source.states[0] = ("ALIVE", 1)
+    again, seen, back = m.settle(5, {})
+    assert seen_by_agree[-1] == ([], 0, [0]) and back == [0]
+    m.advance(5, 6, seen, back)  # step 5 is the last: nothing changes after it
+    assert m.live() == [1]
+    m.advance(5, 10, seen, back)
+    assert m.live() == [0, 1] and 0 not in m.lost
+    assert [(s, kind, k) for s, kind, k, _ in m.drain_events()] == [(4, "lost", 0), (4, "lost", 2), (6, "back", 0)]
+    assert "t2 at step 5 (lost on another data-parallel worker)" in m.all_lost_message(9)
