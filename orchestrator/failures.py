@@ -89,13 +89,15 @@ def write_log(path: Path, exc: BaseException, extra: str = "") -> Path:
     return path
 
 
-def worker_failure(exc: BaseException, log: Path, run_id: str, resumable: bool, storage: Path | None = None,
-                   who: str = "student") -> WorkerFailedError:
+def worker_failure(exc: BaseException, log: Path, run_id: str, resumable: Callable[[], bool],
+                   storage: Path | None = None, who: str = "student") -> WorkerFailedError:
     """The one-line error for a failed `trainer.fit()` (`exc`), its tracebacks written to `log`.
 
     Args:
         run_id: the MLflow run (marked FAILED by the caller).
-        resumable: a checkpoint exists, so `--resume` continues the run.
+        resumable: whether a checkpoint is left, so `--resume` continues the run; called once the line is
+            composed, since it may remove cut-off checkpoints (a full-disk line gives the free space the run
+            met, not the space freed afterwards).
         storage: the run's checkpoint folder (named in a full-disk message when the error carries no file).
         who: whose workers trained: "student", or "teacher" (a teacher's fine-tuning).
     """
@@ -103,9 +105,11 @@ def worker_failure(exc: BaseException, log: Path, run_id: str, resumable: bool, 
     workers = getattr(exc, "worker_failures", None) or {}
     written = write_log(log, exc, "".join(f"\n--- rank {rank} ---\n{failure}\n"  # a RayTaskError: its traceback
                                           for rank, failure in sorted(workers.items())))
-    tail = "continue it with --resume" if resumable else "start it again"
-    return WorkerFailedError(f"the {who} worker failed: {describe(cause, storage)}. MLflow run {run_id} is "
-                             f"marked FAILED; {tail} once that is fixed. Traceback: {written}", resumable)
+    line = describe(cause, storage)
+    left = resumable()
+    tail = "continue it with --resume" if left else "start it again"
+    return WorkerFailedError(f"the {who} worker failed: {line}. MLflow run {run_id} is marked FAILED; {tail} once "
+                             f"that is fixed. Traceback: {written}", left)
 
 
 def fatal_report(exc: BaseException) -> dict[str, str]:
@@ -118,17 +122,19 @@ def fatal_report(exc: BaseException) -> dict[str, str]:
     return report
 
 
-def fatal_failure(report: dict, log: Path, run_id: str, resumable: bool, storage: Path | None = None,
+def fatal_failure(report: dict, log: Path, run_id: str, resumable: Callable[[], bool], storage: Path | None = None,
                   who: str = "student") -> WorkerFailedError:
     """The error for a worker's `fatal_report`; the worker's traceback is written to `log`. A full disk
-    that named no file (Ray Train's checkpoint upload) names `storage`, the run's checkpoint folder."""
+    that named no file (Ray Train's checkpoint upload) names `storage`, the run's checkpoint folder.
+    `resumable` as in `worker_failure` (called after the line is composed)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(str(report.get("fatal_log", "")), encoding="utf-8")
     line = disk_full(report["full_disk"] or None, storage) if "full_disk" in report else report["fatal"]
-    tail = "continue it with --resume" if resumable else "start it again"
+    left = resumable()
+    tail = "continue it with --resume" if left else "start it again"
     return WorkerFailedError(f"the {who} worker stopped: {line}. MLflow run {run_id} is marked FAILED (not "
                              f"retried: a restart would meet the same error); {tail} once that is fixed. "
-                             f"Traceback: {log}", resumable)
+                             f"Traceback: {log}", left)
 
 
 def drop_unfinished_checkpoints(run_folder: Path, problem: Callable[[Path], str | None], since: float) -> list[Path]:

@@ -238,11 +238,11 @@ def _fit(cfg: SkdConfig, trainer, control, ray_name: str, run_id: str, who: str)
         result, interrupted = run_interruptible(trainer.fit, control)
     except TrainingFailedError as exc:
         if (reported := ray.get(control.failure.remote())) is None:  # else: ray.max_failures was 0
-            raise failures.worker_failure(exc, log, run_id, resumable(), folder, who) from None
-        raise failures.fatal_failure(reported, log, run_id, resumable(), folder, who) from None
+            raise failures.worker_failure(exc, log, run_id, resumable, folder, who) from None
+        raise failures.fatal_failure(reported, log, run_id, resumable, folder, who) from None
     reported = ray.get(control.failure.remote())
     if reported:
-        raise failures.fatal_failure(reported, log, run_id, resumable(), folder, who)
+        raise failures.fatal_failure(reported, log, run_id, resumable, folder, who)
     return result, interrupted
 
 

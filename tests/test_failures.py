@@ -29,7 +29,7 @@ def test_a_worker_error_is_found_inside_ray_trains_wrappers_and_shown_as_one_lin
     task = RayTaskError("train_fn", "Traceback (most recent call last): ...", cause)
     wrapped = WorkerGroupError("[Rank 0 Error Snippet]: ...", {1: raised(RuntimeError("rank 1")), 0: task})
     assert root_cause(wrapped) is cause and cannot_restart(cause) and not cannot_restart(RuntimeError())
-    error = worker_failure(wrapped, tmp_path / "logs" / "run.log", "abc123", resumable=True)
+    error = worker_failure(wrapped, tmp_path / "logs" / "run.log", "abc123", resumable=lambda: True)
     text = str(error)
     assert text.startswith("the student worker failed: no checkpoint of this run can be trusted: step 8: x is "
                            "missing. MLflow run abc123 is marked FAILED; continue it with --resume")
@@ -38,7 +38,7 @@ def test_a_worker_error_is_found_inside_ray_trains_wrappers_and_shown_as_one_lin
     assert "\n" not in text  # one line
 
     report = fatal_report(cause)
-    again = fatal_failure(report, tmp_path / "logs" / "fatal.log", "abc123", resumable=False)
+    again = fatal_failure(report, tmp_path / "logs" / "fatal.log", "abc123", resumable=lambda: False)
     assert "not retried: a restart would meet the same error" in str(again) and "start it again" in str(again)
     assert "CheckpointError" in (tmp_path / "logs" / "fatal.log").read_text()
 
@@ -53,7 +53,7 @@ def test_a_full_disk_names_the_file_the_folder_and_its_free_space(tmp_path):
     # Ray Train's checkpoint upload (pyarrow) names no file: the driver names the run's checkpoint folder
     upload = raised(OSError(errno.ENOSPC, "Error writing bytes to file"))
     report = fatal_report(upload)
-    error = str(fatal_failure(report, tmp_path / "fatal.log", "abc123", False, tmp_path / "ray" / "run", "teacher"))
+    error = str(fatal_failure(report, tmp_path / "fatal.log", "abc123", lambda: False, tmp_path / "ray" / "run", "teacher"))
     assert error.startswith(f"the teacher worker stopped: the disk is full under {tmp_path}/ray/run; {tmp_path} has ")
 
 
