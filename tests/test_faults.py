@@ -1,6 +1,7 @@
 """Faults on a real local Ray cluster with a real MLflow store and tiny random BERTs: teachers lost for
 good, a student worker killed, the driver interrupted. One module cluster (4 logical CPUs, so two student
-workers and two teachers fit on the 2-core machine); teachers are prepared once."""
+workers and two teachers fit on the 2-core machine); teachers are untrained tiny BERTs written as if
+prepared (`tests.tiny.make_tiny_teachers`): the faults are in serving and training, not in fine-tuning."""
 
 from __future__ import annotations
 
@@ -17,21 +18,22 @@ from orchestrator.config_load import load_config
 from orchestrator.distill import run_distill
 from orchestrator.plan import make_plan
 from orchestrator.sources import start_pool
-from orchestrator.teachers import prepare_teachers
 from tests.conftest import tiny_raw
 from tests.faultkit import (checkpoint_registered, checkpoint_written, history, kill_workers, start_mlflow_server,
                             stop, teacher_requests, when)
+from tests.tiny import make_tiny_teachers
 
 
 @pytest.fixture(scope="module")
 def env(tiny_model, tmp_path_factory):
     runtime.start_local_ray(4, dashboard=False, log_to_driver=False)
     tmp = tmp_path_factory.mktemp("faults")
+    # untrained tiny teachers, as if prepared: the faults are in serving and training, not in fine-tuning
+    section = make_tiny_teachers(tmp / "teachers", {"t4": (4, 32, 2), "t2": (2, 32, 2)})[1]
 
     def cfg(*overrides: str):
-        return load_config(None, ["distill.log_every=5", *overrides], base=tiny_raw(tmp, tiny_model))
+        return load_config(None, ["distill.log_every=5", *overrides], base=tiny_raw(tmp, tiny_model, teachers=section))
 
-    prepare_teachers(cfg())
     yield {"cfg": cfg, "client": MlflowClient(cfg().tracking_uri()), "tmp": tmp}
     ray.shutdown()
 
