@@ -132,3 +132,8 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
         last[m.step] = m.value
     return sorted(last.items())
+
+
+def step_of(tag: str) -> int:
+    """The 1-based step of a skd event tag's value ("step S: ...", e.g. `skd.teacher_lost.<name>`)."""
+    return int(tag.split(":")[0].removeprefix("step "))

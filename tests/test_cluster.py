@@ -184,7 +184,7 @@ def test_a_teacher_whose_node_goes_is_dropped_within_seconds_and_rejoins_once_ra
     from ray._private.state import state
 
     from actors.pool import NODE_GONE_S
-    from tests.faultkit import history, when
+    from tests.faultkit import history, step_of, when
 
     cfg = cluster["cfg"](*ON_NODES, "mlflow.run_name=node-lost", "distill.max_steps=1000", "distill.eval_every=1000",
                          "distill.log_every=5", "teachers.knowledge_timeout_s=600")
@@ -241,8 +241,7 @@ def test_a_teacher_whose_node_goes_is_dropped_within_seconds_and_rejoins_once_ra
     assert took < 40 + NODE_GONE_S, f"t2 was dropped {took:.0f} s after its node went: {why}"
     assert "gone" in why and "node" in why, why
     assert back, f"t2 did not come back before the run ended ({out.status}, {out.steps} steps, {out.counts})"
-    lost_step = int(why.split(":")[0].removeprefix("step "))
-    back_step = int(run_tags["skd.teacher_back.t2"].split(":")[0].removeprefix("step "))
+    lost_step, back_step = step_of(why), step_of(run_tags["skd.teacher_back.t2"])
     teachers = dict(history(client, out.run_id, "train/teacher"))
     assert all(teachers[s] == 0.0 for s in range(lost_step, back_step))  # t4 alone while t2 was out
     assert any(teachers[s] == 1.0 for s in range(back_step, 1001))  # t2 teaches again

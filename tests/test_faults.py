@@ -20,7 +20,7 @@ from orchestrator.plan import make_plan
 from orchestrator.sources import start_pool
 from tests.conftest import tiny_raw
 from tests.faultkit import (checkpoint_registered, checkpoint_written, history, kill_workers, start_mlflow_server,
-                            stop, teacher_requests, when)
+                            step_of, stop, teacher_requests, when)
 from tests.tiny import make_tiny_teachers
 
 
@@ -63,7 +63,7 @@ def test_a_teacher_lost_for_good_mid_run_is_dropped_on_every_rank_and_the_run_fi
     run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     tag = run.data.tags["skd.teacher_lost.t2"]
-    lost_step = int(tag.split(":")[0].removeprefix("step "))
+    lost_step = step_of(tag)
     assert killed_after[0] // 2 <= lost_step <= 60 and "ActorDiedError" in tag
     teachers = history(client, out.run_id, "train/teacher")
     assert [s for s, _ in teachers] == list(range(1, 61))

@@ -19,7 +19,7 @@ from orchestrator.config_load import load_config
 from orchestrator.distill import run_distill
 from orchestrator.sampling import TeacherSampler
 from tests.conftest import tiny_raw
-from tests.faultkit import when
+from tests.faultkit import step_of, when
 from tests.test_faults import history
 from tests.tiny import make_tiny_teachers
 
@@ -83,10 +83,6 @@ def expected_teachers(steps: int, changes: dict[int, list[float]]) -> list[int]:
             sampler.set_probs(p)
         out.append(sampler.draw([k for k, q in enumerate(p) if q > 0]))
     return out
-
-
-def step_of(tag: str) -> int:
-    return int(tag.split(":")[0].removeprefix("step "))
 
 
 def test_a_teacher_joins_and_one_leaves_while_two_ranks_train_and_resume_keeps_the_pool_state(env):
