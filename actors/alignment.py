@@ -45,7 +45,7 @@ class Spans:
 
 
 def token_spans(tokenizer, text_a: list[str], text_b: list[str] | None, max_length: int) -> list[Spans]:
-    """Each row's `Spans`, tokenized exactly as `orchestrator.data.encode` does (truncation at `max_length`,
+    """Each row's `Spans`, tokenized exactly as `orchestrator.driver.inputs.encode` does (truncation at `max_length`,
     pairs longest-first).
 
     Args:

@@ -57,7 +57,7 @@ class TokenBatch:
             return TokenBatch(self.input_ids, self.attention_mask, self.ids, self.vocab) if self.views else self
         if not self.views or vocab not in self.views:
             raise ValueError(f"this batch is in tokenizer {self.vocab}'s tokens and has no view for tokenizer "
-                             f"{vocab}: the driver tokenizes for every teacher of the plan (orchestrator.data."
+                             f"{vocab}: the driver tokenizes for every teacher of the plan (orchestrator.driver.inputs."
                              f"with_views); a teacher that joined later with another tokenizer cannot be served")
         ids, mask, *align = self.views[vocab]
         plain = TokenBatch(self.input_ids, self.attention_mask, self.ids, self.vocab)

@@ -146,7 +146,7 @@ class Teacher:
         if request.needs_tokens and batch.student is not None and (
                 batch.align is None or "attentions" in request.outputs):
             raise ValueError(f"teacher {self.index} tokenizes with another tokenizer than the student: its hidden "
-                             f"states need the batch's alignment to the student's tokens (orchestrator.data."
+                             f"states need the batch's alignment to the student's tokens (orchestrator.driver.inputs."
                              f"with_views(align=True)), and its attentions are not aligned; ask logits, cls and "
                              f"hidden of it")
         start = time.perf_counter()

@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import runtime  # noqa: E402,F401  (Ray / MLflow environment defaults)
-from orchestrator.config_load import load_config  # noqa: E402
+from orchestrator.driver import runtime  # noqa: E402,F401  (Ray / MLflow environment defaults)
+from orchestrator.config.load import load_config  # noqa: E402
 
 
 def main() -> None:
@@ -48,9 +48,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from actors.manifest import read_manifest
-    from orchestrator.distill import run_distill
-    from orchestrator.cache_build import build_cache
-    from orchestrator.data import prepare_inputs
+    from orchestrator.commands.distill import run_distill
+    from orchestrator.commands.cache_build import build_cache
+    from orchestrator.driver.inputs import prepare_inputs
 
     base = [*args.sets, f"distill.max_steps={args.steps}", f"distill.eval_every={args.steps}"]
     cfg = load_config(args.config, base)

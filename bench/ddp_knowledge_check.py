@@ -18,15 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import runtime  # noqa: E402,F401  (Ray / MLflow environment defaults)
+from orchestrator.driver import runtime  # noqa: E402,F401  (Ray / MLflow environment defaults)
 
 
 def main() -> int:
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.config_load import load_config
-    from orchestrator.distill import run_distill
-    from orchestrator.cache_build import build_cache
+    from orchestrator.config.load import load_config
+    from orchestrator.commands.distill import run_distill
+    from orchestrator.commands.cache_build import build_cache
     from tests.conftest import tiny_raw
     from tests.test_knowledge_e2e import KNOWLEDGE
     from tests.tiny import make_tiny_bert, make_tiny_teachers

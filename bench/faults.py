@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import runtime  # noqa: E402  (Ray / MLflow environment defaults)
+from orchestrator.driver import runtime  # noqa: E402  (Ray / MLflow environment defaults)
 from tests.faultkit import (checkpoint_registered, checkpoint_written, kill_workers,  # noqa: E402
                             start_mlflow_server, stop, teacher_requests, when)
 
@@ -80,7 +80,7 @@ class Bench:
         return f"{fault}-{self.stamp}"
 
     def cfg(self, fault: str, *overrides: str):
-        from orchestrator.config_load import load_config
+        from orchestrator.config.load import load_config
 
         return load_config(None, [f"mlflow.run_name={self.name(fault)}", *overrides], base=self.base)
 
@@ -123,9 +123,9 @@ def restart_view(client, run_id: str) -> dict:
 def teacher_lost(b: Bench) -> None:
     import ray
 
-    from orchestrator.distill import run_distill
-    from orchestrator.plan import make_plan
-    from orchestrator.sources import start_pool
+    from orchestrator.commands.distill import run_distill
+    from orchestrator.driver.plan import make_plan
+    from orchestrator.driver.sources import start_pool
 
     c = b.cfg("teacher-lost")
     plan = make_plan(c)
@@ -141,7 +141,7 @@ def teacher_lost(b: Bench) -> None:
 
 
 def worker_killed(b: Bench) -> None:
-    from orchestrator.distill import run_distill
+    from orchestrator.commands.distill import run_distill
 
     c = b.cfg("worker-killed")
     thread, box = in_background(lambda: run_distill(c, register_as=None))
@@ -153,7 +153,7 @@ def worker_killed(b: Bench) -> None:
 
 
 def interrupted(b: Bench) -> None:
-    from orchestrator.distill import run_distill
+    from orchestrator.commands.distill import run_distill
 
     c = b.cfg("interrupt")
     config_file = b.out / "interrupt.yaml"
@@ -174,7 +174,7 @@ def interrupted(b: Bench) -> None:
 
 
 def mlflow_outage(b: Bench) -> None:
-    from orchestrator.distill import run_distill
+    from orchestrator.commands.distill import run_distill
 
     c = b.cfg("mlflow-outage")
     thread, box = in_background(lambda: run_distill(c, register_as=None))
@@ -194,7 +194,7 @@ def mlflow_outage(b: Bench) -> None:
 
 
 def checkpoint_corrupt(b: Bench) -> None:
-    from orchestrator.distill import run_distill
+    from orchestrator.commands.distill import run_distill
 
     c = b.cfg("checkpoint-corrupt")
     first = run_distill(c, stop_after=100, register_as=None)
@@ -215,7 +215,7 @@ def nan_teacher(b: Bench) -> None:
 
     from actors.errors import NonFiniteError
     from actors.manifest import read_manifest, write_manifest
-    from orchestrator.distill import run_distill
+    from orchestrator.commands.distill import run_distill
 
     teachers = read_manifest(b.cfg("teachers").manifest_path())
     bad = b.out / f"nan-teacher-{b.stamp}"
@@ -240,8 +240,8 @@ def nan_teacher(b: Bench) -> None:
 
 def cache_damaged(b: Bench) -> None:
     from actors.errors import SkdError
-    from orchestrator.cache_build import build_cache
-    from orchestrator.distill import run_distill
+    from orchestrator.commands.cache_build import build_cache
+    from orchestrator.commands.distill import run_distill
 
     cache = b.out / f"cache-{b.stamp}"
     c = b.cfg("cache-damaged", f"distill.knowledge.source=cache:{cache}")
@@ -280,7 +280,7 @@ def disk_full(b: Bench) -> None:
     import os
 
     from actors.errors import SkdError
-    from orchestrator.distill import run_distill
+    from orchestrator.commands.distill import run_distill
 
     disk = b.out / f"fulldisk-{b.stamp}"
     disk.mkdir()
@@ -328,8 +328,8 @@ def main() -> None:
     b = Bench(out, args.steps, port, start_mlflow_server(port, out / "mlflow"), config(out, uri, args.steps))
     import ray
 
-    from orchestrator.distill import run_distill
-    from orchestrator.teachers import prepare_teachers
+    from orchestrator.commands.distill import run_distill
+    from orchestrator.commands.teachers import prepare_teachers
 
     try:
         prepare_teachers(b.cfg("teachers"))

@@ -5,7 +5,7 @@ Run:  python bench/gsnr_bench.py [--student-layers 2] [--batch-size 32] [--probe
 The student is the packaged MiniLM's bottom layers (the SST-2 configs' student) on real SST-2 rows, one
 torch thread, the same as one Ray Train worker with `ray.cpus_per_worker: 1`. Measured side by side in one
 process: the mean time of a training step (forward, backward, AdamW) and of one GSNR probe
-(`orchestrator.gsnr.probe_gsnr`: per-sample gradients with torch.func vmap over the probe, then
+(`orchestrator.worker.gsnr.probe_gsnr`: per-sample gradients with torch.func vmap over the probe, then
 per-parameter mean^2 / variance, Liu et al. ICLR 2020) for each probe size. The overhead of probing every
 N steps is probe_s / (N * step_s). Prints a table and one JSON line.
 """
@@ -37,8 +37,8 @@ def main() -> None:
     from rich.table import Table
 
     from orchestrator.config import DataConfig
-    from orchestrator.data import encode, load_split
-    from orchestrator.gsnr import probe_gsnr
+    from orchestrator.driver.inputs import encode, load_split
+    from orchestrator.worker.gsnr import probe_gsnr
     from actors.models import load_classifier, load_tokenizer
 
     torch.set_num_threads(1)

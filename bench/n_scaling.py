@@ -61,7 +61,7 @@ def run_variant(args, base: dict, members: list[dict[str, str]], n: int, strateg
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.config_load import load_config
+    from orchestrator.config.load import load_config
 
     cfg = json.loads(json.dumps(base))
     cfg["teachers"] = {**{k: v for k, v in cfg["teachers"].items() if k not in ("members", "finetune")},

@@ -1,6 +1,6 @@
 """The table of a finished `skd compare` (e.g. bench/sampling_evidence.sh): each method's dev metric over
 seeds, its paired difference from one or more baselines with a 95% bootstrap interval over seeds and dev
-rows (`orchestrator.compare.paired_bootstrap`), retention and wall time, from the saved students and the
+rows (`orchestrator.commands.compare.paired_bootstrap`), retention and wall time, from the saved students and the
 MLflow store, so any method can be the baseline after the runs.
 
     python bench/paired_table.py -c configs/sst2.yaml --out runs/evidence/sst2 --baseline no-kd \\
@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.manifest import read_manifest  # noqa: E402
 from actors.models import load_classifier  # noqa: E402
-from orchestrator.compare import paired_bootstrap  # noqa: E402
-from orchestrator.config_load import load_config  # noqa: E402
-from orchestrator.data import prepare_inputs  # noqa: E402
-from orchestrator.metrics import glue_metrics  # noqa: E402
-from orchestrator.trainer import predict  # noqa: E402
+from orchestrator.commands.compare import paired_bootstrap  # noqa: E402
+from orchestrator.config.load import load_config  # noqa: E402
+from orchestrator.driver.inputs import prepare_inputs  # noqa: E402
+from orchestrator.common.metrics import glue_metrics  # noqa: E402
+from orchestrator.common.evaluation import predict  # noqa: E402
 
 ORDER = ["no-kd", "single-", "average", "skd-uniform", "skd-teacher-rank", "skd-student-rank",
          "skd-capacity-gaussian", "skd-adaptive"]

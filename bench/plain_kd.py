@@ -42,10 +42,10 @@ def main() -> None:
 
     from actors.manifest import read_manifest
     from actors.models import load_classifier, resolve_model
-    from orchestrator.config_load import load_config
-    from orchestrator.data import prepare_inputs
-    from orchestrator.plan import StepPlan
-    from orchestrator.trainer import evaluate
+    from orchestrator.config.load import load_config
+    from orchestrator.driver.inputs import prepare_inputs
+    from orchestrator.worker.spec import StepPlan
+    from orchestrator.common.evaluation import evaluate
 
     cfg = load_config(args.config, args.overrides)
     d = cfg.distill

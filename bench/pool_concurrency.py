@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import runtime  # noqa: F401,E402  (quiet Ray defaults)
+from orchestrator.driver import runtime  # noqa: F401,E402  (quiet Ray defaults)
 
 
 class Student:
@@ -63,7 +63,7 @@ def main() -> None:
     from actors.models import load_classifier, load_tokenizer
     from actors.pool import TeacherPool
     from orchestrator.config import DataConfig
-    from orchestrator.data import encode, load_split
+    from orchestrator.driver.inputs import encode, load_split
 
     n = 16
     data = encode(load_split("sst2", DataConfig(max_train_samples=n * args.batch_size), "train"),

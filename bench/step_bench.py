@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import runtime  # noqa: F401,E402  (quiet Ray defaults)
+from orchestrator.driver import runtime  # noqa: F401,E402  (quiet Ray defaults)
 
 
 def main() -> None:
@@ -47,8 +47,8 @@ def main() -> None:
     from actors.pool import TeacherPool
     from actors.teacher import Teacher
     from orchestrator.config import DataConfig
-    from orchestrator.data import encode, load_split
-    from orchestrator.losses import distillation_loss
+    from orchestrator.driver.inputs import encode, load_split
+    from orchestrator.worker.losses import distillation_loss
     from actors.models import load_classifier, load_tokenizer
 
     torch.set_num_threads(1)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.runtime import free_port  # noqa: E402
+from orchestrator.driver.runtime import free_port  # noqa: E402
 from tests.faultkit import stop  # noqa: E402
 from orchestrator.tracking import experiment_url  # noqa: E402
 from tests.uikit import rest, start_mlflow_ui, ui_problems  # noqa: E402

@@ -75,8 +75,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.config_load import load_config
-    from orchestrator.runtime import HOLD_FREED_MEMORY
+    from orchestrator.config.load import load_config
+    from orchestrator.driver.runtime import HOLD_FREED_MEMORY
 
     bindir = Path(sys.executable).parent
     stamp = time.strftime("%H%M%S")

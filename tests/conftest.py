@@ -13,8 +13,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("RAY_ADDRESS", None)  # skd attaches to $RAY_ADDRESS; tests start and stop their own clusters
 
-from orchestrator import runtime  # noqa: E402,F401  (Ray/MLflow environment defaults, as the CLI sets them)
-from orchestrator.config_load import load_config  # noqa: E402
+from orchestrator.driver import runtime  # noqa: E402,F401  (Ray/MLflow environment defaults, as the CLI sets them)
+from orchestrator.config.load import load_config  # noqa: E402
 from tests.tiny import make_tiny_bert  # noqa: E402
 
 

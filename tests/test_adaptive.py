@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from orchestrator.adaptive import AdaptiveSampler, AdaptiveSettings
-from orchestrator.feed import KnowledgeFeed
+from orchestrator.worker.adaptive import AdaptiveSampler
+from orchestrator.worker.spec import AdaptiveSettings
+from tests.feedkit import make_feed
 from tests.test_feed import FakeSource, batches
 
 SETTINGS = AdaptiveSettings(every=10, step_size=0.1, eps=0.1, probe_size=8)
@@ -87,8 +88,8 @@ def test_state_round_trip_reproduces_the_draws():
 def run_feed(prefetch: bool, stop_at: int | None = None, state: dict | None = None, total: int = 40):
     """An adaptive feed over 3 fake teachers for `total` steps; the probe loss falls with teacher 2's steps.
     Returns (the teachers served from the start or resume, the state after step `stop_at`)."""
-    f = KnowledgeFeed(FakeSource(3), batches, world=1, total=total, strategy="skd", probs=[1 / 3] * 3, seed=5,
-                      prefetch=prefetch, adaptive=SETTINGS)
+    f = make_feed(FakeSource(3), batches, world=1, total=total, strategy="skd", probs=[1 / 3] * 3, seed=5,
+                  prefetch=prefetch, adaptive=SETTINGS)
     start = 0
     if state is not None:
         f.load_state_dict(state)
@@ -114,14 +115,14 @@ def test_feed_resume_and_prefetch_draw_the_same_sequence():
     assert "adaptive" in saved
     resumed, _ = run_feed(True, state=saved)
     assert resumed == full[25:]
-    f = KnowledgeFeed(FakeSource(3), batches, world=1, total=40, strategy="skd", probs=[1 / 3] * 3, seed=5,
-                      adaptive=SETTINGS)
+    f = make_feed(FakeSource(3), batches, world=1, total=40, strategy="skd", probs=[1 / 3] * 3, seed=5,
+                  adaptive=SETTINGS)
     assert f.adapt(0, 1.0) == {}  # the first probe only records the loss
 
 
 def test_adapt_reports_metrics_by_teacher_name():
-    f = KnowledgeFeed(FakeSource(2), batches, world=1, total=20, strategy="skd", probs=[0.5, 0.5], seed=1,
-                      adaptive=SETTINGS)
+    f = make_feed(FakeSource(2), batches, world=1, total=20, strategy="skd", probs=[0.5, 0.5], seed=1,
+                  adaptive=SETTINGS)
     f.adapt(0, 1.0)
     for step in range(10):
         f.next_knowledge(step)
@@ -133,7 +134,7 @@ def test_adapt_reports_metrics_by_teacher_name():
 
 def test_adaptive_needs_an_exploration_floor():
     from actors.errors import ConfigError
-    from orchestrator.config_load import load_config
+    from orchestrator.config.load import load_config
 
     with pytest.raises(ConfigError, match="eps"):
         load_config("configs/sst2.yaml", ["distill.distribution.family=adaptive", "distill.distribution.eps=0"])
@@ -142,7 +143,7 @@ def test_adaptive_needs_an_exploration_floor():
 
 
 def test_paired_bootstrap_tells_a_real_difference_from_noise():
-    from orchestrator.compare import paired_bootstrap
+    from orchestrator.commands.compare import paired_bootstrap
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 400)

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from actors.errors import ConfigError, DataError
 from orchestrator.config import DataConfig
-from orchestrator.config_load import load_config
-from orchestrator.data import Examples, load_split
+from orchestrator.config.load import load_config
+from orchestrator.driver.inputs import Examples, load_split
 
 FAST = settings(max_examples=60, deadline=None, database=None,  # no .hypothesis folder in the checkout
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-from orchestrator.checkpointing import load_training_state, model_state, save_training_state
+from orchestrator.common.checkpointing import load_training_state, model_state, save_training_state
 
 
 def test_round_trip_continues_identically(tmp_path, tiny_model):
@@ -42,7 +42,7 @@ def test_round_trip_continues_identically(tmp_path, tiny_model):
 
 def _checkpoint(folder, tiny_model, step):
     """A real checkpoint folder at `step` (model, tokenizer, optimizer, state) with its manifest."""
-    from orchestrator.checkpointing import write_manifest
+    from orchestrator.common.checkpointing import write_manifest
 
     torch.manual_seed(step)
     m = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
@@ -62,7 +62,7 @@ def test_a_checkpoint_is_verified_file_by_file_and_resume_falls_back_to_the_newe
     from safetensors.torch import load_file, save_file
 
     from actors.errors import CheckpointError
-    from orchestrator.checkpointing import MANIFEST_FILE, newest_verified, verify_checkpoint, write_manifest
+    from orchestrator.common.checkpointing import MANIFEST_FILE, newest_verified, verify_checkpoint, write_manifest
 
     old, new = (_checkpoint(tmp_path / f"checkpoint_{s}", tiny_model, s) for s in (4, 8))
     manifest = json.loads((new / MANIFEST_FILE).read_text())["files"]

@@ -17,11 +17,11 @@ from mlflow.tracking import MlflowClient
 
 from actors.errors import SkdError
 from actors.pool import PlacementPlan
-from orchestrator import runtime
-from orchestrator.config_load import load_config
-from orchestrator.distill import run_distill
-from orchestrator.plan import make_plan
-from orchestrator.sources import start_pool
+from orchestrator.driver import runtime
+from orchestrator.config.load import load_config
+from orchestrator.commands.distill import run_distill
+from orchestrator.driver.plan import make_plan
+from orchestrator.driver.sources import start_pool
 from tests.conftest import tiny_raw
 from tests.faultkit import start_mlflow_server, stop
 from tests.tiny import make_tiny_teachers
@@ -82,7 +82,7 @@ def test_teachers_run_one_per_teacher_node_on_what_torch_sees(cluster):
 
 def test_a_served_pool_places_its_teachers_one_per_teacher_node_and_stops(cluster):
     from actors.served import pool_names
-    from orchestrator import serving
+    from orchestrator.commands import serving
 
     cfg = cluster["cfg"](*ON_NODES, "teachers.pool=nodes", f"ray.address={cluster['address']}")
     (teachers,) = [p["teachers"] for p in [serving.serve(cfg)]]

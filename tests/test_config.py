@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import REPO_ROOT
-from orchestrator.config_load import load_config, parse_overrides
+from orchestrator.config.base import REPO_ROOT
+from orchestrator.config.load import load_config, parse_overrides
 from actors.errors import ConfigError
 
 SHIPPED = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -80,8 +80,8 @@ def test_a_folder_skd_did_not_create_is_refused_before_ray(tmp_path, make_config
     """`--set mlflow.run_name=X` where <output_dir>/students/X holds someone's files: refused by the plan
     (before Ray), and the files are untouched; an skd-written folder of that name is accepted."""
     from actors.errors import SkdError
-    from orchestrator.outputs import OWNED_MARK
-    from orchestrator.plan import make_plan
+    from orchestrator.driver.outputs import OWNED_MARK
+    from orchestrator.driver.plan import make_plan
 
     cfg = make_config(["distill.strategy=no-kd", "mlflow.run_name=precious"])
     theirs = cfg.out_dir() / "students" / "precious"
@@ -123,7 +123,8 @@ def test_secrets_never_reach_logged_params(tmp_path):
 
 def test_an_unreachable_store_with_credentials_is_a_clear_error_that_hides_them():
     from actors.errors import SkdError
-    from orchestrator import runtime, tracking
+    from orchestrator import tracking
+    from orchestrator.driver import runtime
 
     for uri in (f"http://alice:s3cret@127.0.0.1:{runtime.free_port()}", "https://alice:s3cret@no-such-host.invalid"):
         with pytest.raises(SkdError, match="tracking server does not answer") as err:

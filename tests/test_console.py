@@ -7,7 +7,7 @@ import io
 
 from rich.console import Console
 
-from orchestrator.console import Display, context, parse_progress, progress_line
+from orchestrator.common.console import Display, context, parse_progress, progress_line
 
 NOISE = ("[2026-11-30 18:23:21,966 E 9210 9269] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
          "and ID: '490b3f' has constructor arguments in the object store and max_restarts > 0. If the arguments in "

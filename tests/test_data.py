@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from orchestrator.config import DataConfig
-from orchestrator.data import encode, load_split
+from orchestrator.driver.inputs import encode, load_split
 from actors.errors import DataError
-from orchestrator.metrics import glue_metrics
-from orchestrator.data import GLUE_TASKS
+from orchestrator.common.metrics import glue_metrics
+from orchestrator.common.task import GLUE_TASKS
 from actors.models import load_tokenizer
 
 # rows per split, from ../shared/data/glue/SOURCES.md
@@ -117,7 +117,8 @@ def test_metrics_match_known_values():
 
 def test_transfer_rest_is_the_shuffle_past_the_labelled_rows():
     from orchestrator.config import TransferConfig
-    from orchestrator.data import UNLABELLED, load_transfer
+    from orchestrator.common.task import UNLABELLED
+    from orchestrator.driver.inputs import load_transfer
 
     data = DataConfig(max_train_samples=100, transfer=TransferConfig(source="rest", max_rows=500))
     labelled, transfer = load_split("sst2", data, "train"), load_transfer("sst2", data)
@@ -130,7 +131,8 @@ def test_transfer_rest_is_the_shuffle_past_the_labelled_rows():
 
 def test_transfer_file_reads_text_without_labels(tmp_path):
     from orchestrator.config import TransferConfig
-    from orchestrator.data import TRANSFER_ID_BASE, load_transfer
+    from orchestrator.common.task import TRANSFER_ID_BASE
+    from orchestrator.driver.inputs import load_transfer
 
     (tmp_path / "raw.csv").write_text('review,stars\n"good, really",5\nawful,1\n')
     data = DataConfig(transfer=TransferConfig(source="file", file=tmp_path / "raw.csv", text_column="review"))

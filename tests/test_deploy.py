@@ -114,7 +114,7 @@ def test_strict_validation_catches_a_misspelt_key_that_plain_validation_lets_thr
 
 
 def test_the_mounted_skd_config_is_a_valid_skd_config_asking_for_the_groups_resources():
-    from orchestrator.config_load import load_config
+    from orchestrator.config.load import load_config
 
     docs = load(DEPLOY / "kuberay" / "skd-config.yaml")
     [config_map] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "skd-config"]
@@ -187,7 +187,7 @@ def group_nodes(group: dict) -> list[dict[str, float]]:
 @pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
 def test_the_rayjob_cluster_holds_the_plan_of_its_command(path):
     from actors.pool import PlacementPlan
-    from orchestrator.config_load import load_config
+    from orchestrator.config.load import load_config
 
     [doc] = load(path)
     nodes = [n for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"] for n in group_nodes(g)]

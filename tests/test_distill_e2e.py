@@ -15,10 +15,10 @@ from mlflow.tracking import MlflowClient
 
 from actors.errors import TeacherError
 from actors.manifest import read_manifest
-from orchestrator.config_load import load_config
-from orchestrator.distill import run_distill, student_rank_scores
-from orchestrator.plan import make_plan
-from orchestrator.teachers import prepare_teachers
+from orchestrator.config.load import load_config
+from orchestrator.commands.distill import run_distill, student_rank_scores
+from orchestrator.driver.plan import make_plan
+from orchestrator.commands.teachers import prepare_teachers
 from tests.conftest import tiny_raw
 
 
@@ -106,7 +106,7 @@ def test_distill_skd_logs_everything_and_saves_a_loadable_student(env, weights_r
 
 def test_the_mlflow_ui_shows_the_kind_data_and_lineage_and_no_registered_model(env, weights_run, tmp_path):
     """`mlflow ui` as skd prints it, on 127.0.0.1, read through the REST API (before anything registers)."""
-    from orchestrator.runtime import free_port
+    from orchestrator.driver.runtime import free_port
     from tests.faultkit import stop
     from tests.uikit import start_mlflow_ui, ui_problems
 
@@ -129,7 +129,8 @@ def test_a_run_shows_its_data_teachers_and_card_and_registers_nothing_unless_ask
 
     import mlflow
 
-    from orchestrator import lineage, tracking
+    from orchestrator import tracking
+    from orchestrator.driver import lineage
 
     client, res = env["client"], weights_run
     assert client.get_experiment(env["exp"]).tags["mlflow.experimentKind"] == "custom_model_development"
@@ -199,7 +200,7 @@ def test_the_student_folder_serves_the_tasks_label_names(env, weights_run, tiny_
     from transformers import pipeline
 
     from actors.models import load_classifier, load_tokenizer
-    from orchestrator.data import GLUE_TASKS
+    from orchestrator.common.task import GLUE_TASKS
 
     clf = pipeline("text-classification", model=str(weights_run.model_dir))
     assert clf.model.config.id2label == {0: "negative", 1: "positive"}
@@ -220,8 +221,9 @@ def test_an_export_of_the_student_is_logged_into_the_run_that_trained_it(env, we
     import shutil
 
     from actors.models import load_tokenizer
-    from orchestrator.data import encode, load_split, task_spec
-    from orchestrator.export import export_model, log_export, run_of
+    from orchestrator.driver.inputs import encode, load_split
+    from orchestrator.common.task import task_spec
+    from orchestrator.commands.export import export_model, log_export, run_of
 
     student = tmp_path / "student"
     shutil.copytree(weights_run.model_dir, student)
@@ -283,9 +285,9 @@ def test_student_rank_prepass_is_recorded_and_reused(env):
 def test_a_failure_after_training_is_a_warning_not_a_failed_run(env):
     """Plots (or model logging) that fail after a full training run leave the run FINISHED with a warning tag;
     the student folder is written and marked as skd's own."""
-    from orchestrator.outputs import OWNED_MARK
-    from orchestrator.plan import make_plan
-    from orchestrator.runner import distill_spec, run_training
+    from orchestrator.driver.outputs import OWNED_MARK
+    from orchestrator.driver.plan import make_plan
+    from orchestrator.driver.runner import distill_spec, run_training
 
     cfg = env["cfg"]("distill.strategy=no-kd", "distill.max_steps=2", "mlflow.run_name=plots-fail")
     plan = make_plan(cfg)

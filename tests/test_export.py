@@ -10,8 +10,9 @@ import pytest
 
 from actors.models import count_parameters, load_classifier, load_tokenizer
 from orchestrator.config import DataConfig
-from orchestrator.data import encode, load_split, task_spec
-from orchestrator.outputs import OWNED_MARK
+from orchestrator.driver.inputs import encode, load_split
+from orchestrator.common.task import task_spec
+from orchestrator.driver.outputs import OWNED_MARK
 
 DATA = DataConfig(max_dev_samples=48, max_length=32)
 
@@ -37,8 +38,8 @@ def dev_of(model_dir: Path):
 def test_export_is_verified_against_pytorch_and_written_beside_the_model(models, family, tmp_path, monkeypatch):
     import onnxruntime as ort
 
-    from orchestrator.export import ExportError, export_model, ort_predict, session
-    from orchestrator.trainer import predict
+    from orchestrator.commands.export import ExportError, export_model, ort_predict, session
+    from orchestrator.common.evaluation import predict
 
     monkeypatch.chdir(tmp_path)  # ONNX Runtime's quantisation tools must not leave files in the working folder
     model_dir = models[family]
@@ -74,8 +75,8 @@ def test_a_broken_export_is_refused_and_nothing_is_written(models, tmp_path, mon
     import onnx
     from onnx import numpy_helper
 
-    from orchestrator import export
-    from orchestrator.trainer import predict
+    from orchestrator.commands import export
+    from orchestrator.common.evaluation import predict
 
     spec = task_spec("sst2", DATA)
     model_dir = tmp_path / "student"
@@ -103,7 +104,7 @@ def test_a_broken_export_is_refused_and_nothing_is_written(models, tmp_path, mon
 
 
 def test_benchmark_measures_every_model_and_backend_side_by_side(models):
-    from orchestrator.speed import BACKENDS, benchmark, weights_bytes
+    from orchestrator.commands.speed import BACKENDS, benchmark, weights_bytes
 
     dirs = [models["bert"], models["mpnet"]]
     rounds = []

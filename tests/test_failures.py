@@ -13,8 +13,8 @@ from ray.train import WorkerGroupError
 
 from actors.errors import CheckpointError
 from actors.knowledge import Knowledge
-from orchestrator.failures import (cannot_restart, describe, drop_unfinished_checkpoints, fatal_failure,
-                                   fatal_report, root_cause, worker_failure)
+from orchestrator.common.failures import (cannot_restart, describe, drop_unfinished_checkpoints, fatal_failure,
+                                          fatal_report, root_cause, worker_failure)
 
 
 def raised(exc: BaseException) -> BaseException:

@@ -16,8 +16,8 @@ from actors.knowledge import KnowledgeRequest, TokenBatch
 from actors.models import (DEPTH_KEYS, _mpnet_parts, assemble_split_zip, check_cut, count_parameters,
                            forward_flops_per_token, load_classifier, load_tokenizer, vocab_fingerprint)
 from actors.teacher import Teacher
-from orchestrator.config_load import load_config
-from orchestrator.data import prepare_inputs, with_views
+from orchestrator.config.load import load_config
+from orchestrator.driver.inputs import prepare_inputs, with_views
 from tests.conftest import tiny_raw
 from tests.tiny import make_tiny_mpnet
 
@@ -140,8 +140,8 @@ def test_split_zip_assembled_once_atomically(tmp_path):
 def mixed(ray_cluster, tiny_model, tiny_mpnet, tmp_path_factory):
     """`skd teachers prepare` of a BERT teacher (imported) and an MPNet teacher cut to 2 layers (fine-tuned in
     its own tokens), then a soft-label cache built from both."""
-    from orchestrator.cache_build import build_cache
-    from orchestrator.teachers import prepare_teachers
+    from orchestrator.commands.cache_build import build_cache
+    from orchestrator.commands.teachers import prepare_teachers
 
     tmp = tmp_path_factory.mktemp("mixed")
     raw = tiny_raw(tmp, tiny_model, distill={"max_steps": 4, "eval_every": 4, "log_every": 1})
@@ -168,8 +168,8 @@ def test_prepare_fine_tunes_each_family_in_its_own_tokens(mixed, tiny_model, tin
 
 def test_cache_holds_each_teachers_soft_labels_of_its_own_tokens(mixed):
     from actors.cache import KnowledgeCache
-    from orchestrator.knowledge_plan import cache_fingerprint
-    from orchestrator.plan import make_plan
+    from orchestrator.driver.knowledge_plan import cache_fingerprint
+    from orchestrator.driver.plan import make_plan
 
     plan = make_plan(mixed["cfg"]())
     inputs = plan.inputs
@@ -186,7 +186,7 @@ def test_cache_holds_each_teachers_soft_labels_of_its_own_tokens(mixed):
 def test_mixed_ensemble_distills_from_the_cache(mixed):
     """(The online path of a mixed ensemble runs in test_hidden_states_of_another_tokenizer_arrive_aligned and
     test_transfer_rows_teach_through_the_teachers_only.)"""
-    from orchestrator.distill import run_distill
+    from orchestrator.commands.distill import run_distill
 
     overrides = ["distill.strategy=skd", "distill.distribution.family=uniform", "mlflow.run_name=mixed-cached",
                  f"distill.knowledge.source=cache:{mixed['summary']['path']}"]
@@ -201,7 +201,7 @@ def test_mixed_ensemble_distills_from_the_cache(mixed):
 
 
 def test_mixed_ensemble_refuses_attentions(mixed):
-    from orchestrator.plan import make_plan
+    from orchestrator.driver.plan import make_plan
 
     with pytest.raises(SkdError, match=r"teachers mp2 tokenize with another tokenizer.*does not align them"):
         make_plan(mixed["cfg"]("distill.knowledge.outputs=[attentions]", "distill.knowledge.layers=1"))
@@ -215,9 +215,9 @@ def test_hidden_states_of_another_tokenizer_arrive_aligned(mixed):
 
     from actors.alignment import align, token_spans
     from actors.cache import KnowledgeCache
-    from orchestrator.cache_build import build_cache
-    from orchestrator.distill import run_distill
-    from orchestrator.plan import make_plan
+    from orchestrator.commands.cache_build import build_cache
+    from orchestrator.commands.distill import run_distill
+    from orchestrator.driver.plan import make_plan
 
     hidden = ["distill.knowledge.outputs=[hidden]", "distill.knowledge.layers=1", "distill.knowledge.tokens=all",
               "distill.knowledge.width=all"]
@@ -260,9 +260,9 @@ def test_transfer_rows_teach_through_the_teachers_only(mixed):
     them is refused."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import lineage
-    from orchestrator.distill import run_distill
-    from orchestrator.plan import make_plan
+    from orchestrator.driver import lineage
+    from orchestrator.commands.distill import run_distill
+    from orchestrator.driver.plan import make_plan
 
     transfer = ["data.transfer.source=rest", "data.transfer.max_rows=16"]
     res = run_distill(mixed["cfg"](*transfer, "distill.strategy=skd", "mlflow.run_name=transfer-skd"))

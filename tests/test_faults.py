@@ -13,11 +13,11 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from actors.errors import TeachersLostError
-from orchestrator import runtime
-from orchestrator.config_load import load_config
-from orchestrator.distill import run_distill
-from orchestrator.plan import make_plan
-from orchestrator.sources import start_pool
+from orchestrator.driver import runtime
+from orchestrator.config.load import load_config
+from orchestrator.commands.distill import run_distill
+from orchestrator.driver.plan import make_plan
+from orchestrator.driver.sources import start_pool
 from tests.conftest import tiny_raw
 from tests.faultkit import (checkpoint_registered, checkpoint_written, history, kill_workers, start_mlflow_server,
                             step_of, stop, teacher_requests, when)
@@ -95,7 +95,7 @@ def test_a_corrupt_newest_checkpoint_is_passed_over_on_resume_and_none_left_is_o
     import re
     from pathlib import Path
 
-    from orchestrator.failures import WorkerFailedError
+    from orchestrator.common.failures import WorkerFailedError
 
     # two workers: with none left, a restart of the group would meet the same error, so it is not retried
     steps = ("distill.max_steps=12", "distill.checkpoint_every=4", "distill.eval_every=12", "ray.num_workers=2",
@@ -134,7 +134,7 @@ def test_a_teacher_answering_nan_stops_the_run_with_a_checkpoint_naming_it_or_is
 
     from actors.errors import NonFiniteError
     from actors.manifest import read_manifest, write_manifest
-    from orchestrator.checkpointing import verify_checkpoint
+    from orchestrator.common.checkpointing import verify_checkpoint
 
     teachers = read_manifest(env["cfg"]().manifest_path())
     t2 = next(t for t in teachers if t.name == "t2")
@@ -275,7 +275,7 @@ def test_an_unreachable_tracking_server_is_a_clear_error_before_any_actor_starts
 
 
 def test_metric_logger_spills_past_its_bound_while_the_store_is_down_and_replays_in_order(tmp_path):
-    from orchestrator.tracking import MetricLogger
+    from orchestrator.tracking.logger import MetricLogger
 
     port = runtime.free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -306,7 +306,7 @@ def test_metric_logger_spills_past_its_bound_while_the_store_is_down_and_replays
 def test_metric_logger_replays_a_spill_file_left_by_a_killed_worker_and_sets_aside_refused_values(tmp_path):
     import json
 
-    from orchestrator.tracking import MetricLogger
+    from orchestrator.tracking.logger import MetricLogger
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     run_id = client.create_run(client.create_experiment("replay")).info.run_id

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from actors.knowledge import Knowledge, KnowledgeRequest, KnowledgeSource
-from orchestrator.feed import KnowledgeFeed
-from orchestrator.sampling import TeacherSampler
+from orchestrator.worker.feed import KnowledgeFeed
+from orchestrator.common.sampling import TeacherSampler
 from tests import fakes
+from tests.feedkit import make_feed
 
 
 def FakeSource(n: int) -> fakes.FakeSource:
@@ -34,7 +35,7 @@ PROBS = [0.5, 0.3, 0.2]
 def feed(source, **kw) -> KnowledgeFeed:
     args = dict(world=2, total=12, strategy="skd", probs=PROBS, seed=7)
     args.update(kw)
-    return KnowledgeFeed(source, batches, **args)
+    return make_feed(source, batches, **args)
 
 
 def test_fake_source_is_a_knowledge_source():
@@ -96,7 +97,7 @@ def test_average_asks_every_teacher_and_counts_all():
 
 
 def test_no_source_means_no_knowledge_and_soft_label_stages():
-    f = KnowledgeFeed(None, batches, world=1, total=3)
+    f = make_feed(None, batches, world=1, total=3)
     assert f.next_knowledge(0) is None and f.stage(0).soft_labels and f.stage(0).layers == ()
     assert f.state_dict() == {"counts": [], "sampler": None}
 
@@ -181,7 +182,7 @@ def test_a_teacher_dropped_while_its_actor_restarts_is_asked_again_once_ray_rest
     Both ranks take 0 back at the same step though only rank 1 looked it up in time."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from orchestrator import membership
+    from orchestrator.worker import membership
 
     monkeypatch.setattr(membership, "RETURN_CHECK_S", 0.0)  # look the dropped actors up at every step
     agree, sources = Union(2), [FakeSource(3), FakeSource(3)]
@@ -215,7 +216,7 @@ def test_a_teacher_dropped_while_its_actor_restarts_is_asked_again_once_ray_rest
 
 
 def test_a_dropped_teacher_whose_actor_is_dead_or_silent_is_never_looked_up_again_unless_restarted(monkeypatch):
-    from orchestrator import membership
+    from orchestrator.worker import membership
 
     monkeypatch.setattr(membership, "RETURN_CHECK_S", 0.0)
     source = FakeSource(2)
@@ -295,12 +296,12 @@ def uniform(live: list[int], n: int) -> list[float]:
 
 def elastic_feed(source, **kw) -> KnowledgeFeed:
     from orchestrator.config import DistributionConfig
-    from orchestrator.sampling import Reweigh
+    from orchestrator.common.sampling import Reweigh
 
     args = dict(world=1, total=16, strategy="skd", probs=[0.5, 0.5], seed=3, key="run-1",
                 reweigh=Reweigh("uniform", DistributionConfig(), [0.5, 0.5]))
     args.update(kw)
-    return KnowledgeFeed(source, batches, **args)
+    return make_feed(source, batches, **args)
 
 
 def reference(changes: dict[int, list[int]], n_steps: int, seed: int = 3) -> list[int]:
@@ -431,8 +432,8 @@ def test_begin_with_no_teacher_to_ask_leaves_the_error_to_the_step():
 def test_membership_settles_a_step_and_applies_what_comes_back_from_the_next_step_only(monkeypatch):
     """`Membership` alone: the agreement drops what any rank lost, and a teacher back is live from step + 1,
     never after the run's last step."""
-    from orchestrator import membership
-    from orchestrator.membership import Membership
+    from orchestrator.worker import membership
+    from orchestrator.worker.membership import Membership
 
     monkeypatch.setattr(membership, "RETURN_CHECK_S", 0.0)
     seen_by_agree = []

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from orchestrator.gsnr import EXCLUDED, gsnr, gsnr_by_layer, layer_group, per_sample_grads
+from orchestrator.worker.gsnr import EXCLUDED, gsnr, gsnr_by_layer, layer_group, per_sample_grads
 
 
 def brute_force(model, ids, mask, labels):

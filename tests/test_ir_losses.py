@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.losses import HiddenProjection, attention_kl, cls_cosine, hidden_mse
-from orchestrator.schedule import Stage, stage_at
+from orchestrator.worker.losses import HiddenProjection, attention_kl, cls_cosine, hidden_mse
+from orchestrator.common.schedule import Stage, stage_at
 
 # ------------------------------------------------------------------------------------------ projection
 

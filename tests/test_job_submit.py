@@ -23,9 +23,10 @@ import pytest
 import yaml
 
 from actors.errors import ConfigError, DataError
-from orchestrator import config as config_module
-from orchestrator import runtime
-from orchestrator.config import DataConfig, RayConfig, glue_dir_candidates, installed_source_dir
+from orchestrator.config import base as config_module
+from orchestrator.driver import runtime
+from orchestrator.config import DataConfig, RayConfig
+from orchestrator.config.base import glue_dir_candidates, installed_source_dir
 from tests.conftest import tiny_raw
 from tests.tiny import make_tiny_teachers
 

@@ -16,12 +16,12 @@ from mlflow.tracking import MlflowClient
 from actors.cache import CacheMismatchError, KnowledgeCache, PartialCacheError
 from actors.knowledge import TokenBatch
 from actors.teacher import Teacher
-from orchestrator.cache_build import build_cache
-from orchestrator.config_load import load_config
-from orchestrator.data import prepare_inputs
-from orchestrator.distill import run_distill
-from orchestrator.knowledge_plan import cache_fingerprint, knowledge_request
-from orchestrator.plan import make_plan
+from orchestrator.commands.cache_build import build_cache
+from orchestrator.config.load import load_config
+from orchestrator.driver.inputs import prepare_inputs
+from orchestrator.commands.distill import run_distill
+from orchestrator.driver.knowledge_plan import cache_fingerprint, knowledge_request
+from orchestrator.driver.plan import make_plan
 from tests.conftest import tiny_raw
 from tests.tiny import make_tiny_teachers
 
@@ -132,7 +132,7 @@ def test_open_source_opens_what_the_plan_names_and_always_releases_it(env):
     from actors.cache import CacheReader
     from actors.knowledge import KnowledgeSource
     from actors.pool import TeacherPool
-    from orchestrator.sources import open_source
+    from orchestrator.driver.sources import open_source
 
     plan = make_plan(env["cfg"]())
     resources = plan.resources(ray.cluster_resources(), len(plan.active))

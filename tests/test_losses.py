@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from orchestrator.losses import distillation_loss, kd_loss
+from orchestrator.worker.losses import distillation_loss, kd_loss
 
 
 def test_kd_loss_matches_hand_computation():

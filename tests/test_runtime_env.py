@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator import runtime
+from orchestrator.driver import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_job_env_leaves_what_a_submitted_job_sets(monkeypatch):
 PROBE = """
 import json, os, sys
 sys.path.insert(0, {root!r})
-from orchestrator import runtime
+from orchestrator.driver import runtime
 from orchestrator.config import RayConfig
 import ray
 

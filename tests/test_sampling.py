@@ -6,7 +6,7 @@ from scipy.stats import chisquare
 
 from orchestrator.config import DistributionConfig
 from actors.errors import ConfigError
-from orchestrator.sampling import TeacherSampler, capacities, sampling_distribution
+from orchestrator.common.sampling import TeacherSampler, capacities, sampling_distribution
 
 NAMES = ["big", "mid", "small"]
 SCORES = [0.86, 0.83, 0.79]  # dev accuracy: big best
@@ -126,7 +126,7 @@ def _infos(scores: list[float]):
 ])
 def test_reweigh_follows_the_family_rule_over_the_live_teachers(family, settings, live, want):
     from orchestrator.config import DistributionConfig
-    from orchestrator.sampling import Reweigh
+    from orchestrator.common.sampling import Reweigh
 
     base = {"student-rank": [0.4, 0.6], "single": [0.0, 1.0]}.get(family, [0.5, 0.5])
     p = Reweigh(family, DistributionConfig(family="uniform" if family in ("student-rank", "single") else family,
@@ -135,7 +135,7 @@ def test_reweigh_follows_the_family_rule_over_the_live_teachers(family, settings
 
 
 def test_tied_student_rank_scores_are_reported():
-    from orchestrator.distill import tied_scores_warning
+    from orchestrator.commands.distill import tied_scores_warning
 
     # the SST-2 evidence: 100-step pre-passes left every student at the majority class
     text = tied_scores_warning([0.5091743, 0.5091743, 0.5091743], "accuracy", 100)

@@ -14,10 +14,11 @@ from mlflow.tracking import MlflowClient
 
 from actors.errors import SkdError
 from actors.served import pool_names
-from orchestrator import runtime, serving
-from orchestrator.config_load import load_config
-from orchestrator.distill import run_distill
-from orchestrator.sampling import TeacherSampler
+from orchestrator.driver import runtime
+from orchestrator.commands import serving
+from orchestrator.config.load import load_config
+from orchestrator.commands.distill import run_distill
+from orchestrator.common.sampling import TeacherSampler
 from tests.conftest import tiny_raw
 from tests.faultkit import step_of, when
 from tests.test_faults import history
@@ -126,7 +127,7 @@ def test_compare_attaches_to_the_served_pool_without_starting_teachers(env, tmp_
 
     import yaml
 
-    from orchestrator.compare import run_comparison
+    from orchestrator.commands.compare import run_comparison
 
     cfg = env["cfg"]("distill.max_steps=4", "distill.eval_every=4")
     path = tmp_path / "compare.yaml"
@@ -154,7 +155,7 @@ def test_ctrl_c_ends_the_whole_comparison_not_just_its_current_run(env, tmp_path
 
     import yaml
 
-    from orchestrator.compare import ComparisonInterrupted, run_comparison
+    from orchestrator.commands.compare import ComparisonInterrupted, run_comparison
     from tests.faultkit import checkpoint_written
 
     cfg = env["cfg"]("distill.max_steps=400", "distill.checkpoint_every=10", "distill.eval_every=400",

@@ -6,7 +6,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config_load import load_config
+from orchestrator.config.load import load_config
 from actors.errors import ConfigError
 from tests.conftest import tiny_raw
 from tests.tiny import make_tiny_teachers
@@ -21,7 +21,7 @@ SPACE = {"family": {"choice": ["uniform", "teacher-rank"]}, "alpha": {"uniform":
 def ray4():
     """A local cluster with 4 logical CPUs (what `skd tune` starts on a 2-core machine), stopped by this process;
     with the dashboard, as `skd tune` runs it, so Ray Train can clean up the placement groups of stopped trials."""
-    from orchestrator.runtime import start_local_ray
+    from orchestrator.driver.runtime import start_local_ray
 
     start_local_ray(4, dashboard=True, log_to_driver=False)
     yield ray

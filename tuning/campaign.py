@@ -30,12 +30,12 @@ from actors.knowledge import KnowledgeSource
 from actors.models import resolve_model
 from orchestrator import tracking
 from orchestrator.config import SkdConfig
-from orchestrator.config_load import load_config
-from orchestrator.distill import run_distill, student_rank_scores
-from orchestrator.plan import RunPlan, make_plan
-from orchestrator.runner import find_resumable_run
-from orchestrator.runtime import ray_session
-from orchestrator.sources import open_source
+from orchestrator.config.load import load_config
+from orchestrator.commands.distill import run_distill, student_rank_scores
+from orchestrator.driver.plan import RunPlan, make_plan
+from orchestrator.driver.runner import find_resumable_run
+from orchestrator.driver.runtime import ray_session
+from orchestrator.driver.sources import open_source
 from tuning.pbt import pbt_scheduler, pbt_trial_fn
 from tuning.space import KEYS, TuneSection, domain, to_overrides
 

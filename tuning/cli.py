@@ -10,9 +10,9 @@ import typer
 from rich.table import Table
 
 from actors.errors import SkdError
-from orchestrator.cli import ConfigOpt, SetOpt, app, console, fail
+from orchestrator.commands.cli import ConfigOpt, SetOpt, app, console, fail
 from orchestrator.config import MlflowConfig
-from orchestrator.config_load import load_config
+from orchestrator.config.load import load_config
 
 
 @app.command()

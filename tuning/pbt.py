@@ -19,11 +19,12 @@ from typing import Any
 from actors.errors import SkdError
 from actors.knowledge import KnowledgeSource
 from orchestrator import tracking
-from orchestrator.checkpointing import checkpoint_step
-from orchestrator.config_load import load_config
-from orchestrator.distill import run_distill
-from orchestrator.plan import StepPlan, make_plan
-from orchestrator.tune_section import TuneSection
+from orchestrator.common.checkpointing import checkpoint_step
+from orchestrator.config.load import load_config
+from orchestrator.commands.distill import run_distill
+from orchestrator.worker.spec import StepPlan
+from orchestrator.driver.plan import make_plan
+from orchestrator.config.tune import TuneSection
 from tuning.space import domain, to_overrides
 
 

@@ -1,7 +1,7 @@
 """The tuning search space as Ray Tune objects: a validated `tune:` section's dimensions turned into Tune
 domains, and a trial's sampled values turned back into config overrides.
 
-The section's schema (`TuneSection`, `Dimension`, the tunable `KEYS`) lives in `orchestrator.tune_section`
+The section's schema (`TuneSection`, `Dimension`, the tunable `KEYS`) lives in `orchestrator.config.tune`
 so that every config load validates it; this module is the Ray Tune side of it.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.tune_section import KEYS, Dimension, TuneSection, default_space
+from orchestrator.config.tune import KEYS, Dimension, TuneSection, default_space
 
 __all__ = ["KEYS", "Dimension", "TuneSection", "default_space", "domain", "to_overrides"]
 
