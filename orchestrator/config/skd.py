@@ -1,6 +1,7 @@
-"""Typed, validated configuration for every skd command: pydantic models, one per section, that reject
-unknown keys (`orchestrator.config.load.load_config` reads YAML and `--set` overrides into them and turns
-validation errors into one `ConfigError` naming every bad field and a fix).
+"""The whole config file, `SkdConfig`: its sections (`orchestrator.config.sections`, `.training`, `.tune`),
+the checks across them, and the paths a run derives from it (`orchestrator.config.load.load_config` reads
+YAML and `--set` overrides into it and turns validation errors into one `ConfigError` naming every bad
+field and a fix).
 
 Relative paths in a config are taken relative to the current working directory (where `skd` runs).
 """

@@ -1,4 +1,6 @@
-"""GLUE tasks and custom datasets: reading, label mapping and tokenization.
+"""GLUE tasks and custom datasets, on the driver: reading, label mapping, tokenization and, for teachers of
+another tokenizer, their views of the rows aligned to the student's tokens. The task definitions and the
+encoded rows the workers receive are `orchestrator.common.task`'s.
 
 Three sources, chosen by `data.source`:
 - `glue_dir`: GLUE-format TSV folders as written by the standard GLUE download script (split on TAB,

@@ -1,7 +1,7 @@
 """The MLflow side of skd: the store and its runs (`store`: checking the store, experiments, redacted params,
 metrics, figures, the UI hint, model logging; its functions are importable from this package), the metric
 logger that ships a run's metrics off the training loop's thread (`logger`, on rank 0 of the Ray Train
-workers and on the driver) and the run's figures (`plots`, on the driver).
+workers) and the run's figures (`plots`, on the driver).
 """
 
 from orchestrator.tracking.store import (EXPERIMENT_KIND, PARAM_VALUE_LIMIT, browse_hint, check_store,

@@ -1,6 +1,6 @@
 """MLflow metric logging off the training loop's thread: `MetricLogger` buffers metrics and tags, sends them
 from a background thread and spills what the store refuses or cannot take to a JSON-lines file that is sent
-again later (a run's rank 0 on a Ray Train worker, and the driver).
+again later (on rank 0 of a run's Ray Train workers).
 """
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from mlflow.entities import Metric  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
 
 class MetricLogger:

@@ -1,7 +1,6 @@
-"""MLflow from one place: the driver owns runs; rank 0 of the trainer logs metrics in batches.
-
-Also the plots logged as artifacts: the sampling distribution against observed teacher counts, and
-learning curves.
+"""MLflow from one place: the driver owns runs (the store check, experiments, redacted params, metrics,
+timings, figures, the UI hint, model logging); rank 0 of the trainer logs metrics in batches through
+`orchestrator.tracking.logger.MetricLogger`, and the figures are drawn by `orchestrator.tracking.plots`.
 """
 
 from __future__ import annotations

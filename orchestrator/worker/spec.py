@@ -1,5 +1,7 @@
 """What a Ray Train worker receives: a small nested spec (task, optimisation, knowledge, run), made on the
-driver from the run plan (`orchestrator.driver.plan`) and never recomputed on the worker.
+driver from the run plan (`orchestrator.driver.plan`) and never recomputed on the worker. The pieces of the
+plan that travel with it live here too (`StepPlan`, `KnowledgePlan`, `AdaptiveSettings`): this module is
+the one the driver and the commands may import of `orchestrator.worker`, with the train loop itself.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""skd actors: teacher actors, the teacher pool, knowledge requests, the teachers manifest."""

@@ -1,0 +1,412 @@
+"""GLUE tasks and custom datasets, on the driver: reading, label mapping, tokenization and, for teachers of
+another tokenizer, their views of the rows aligned to the student's tokens. The task definitions and the
+encoded rows the workers receive are `orchestrator.common.task`'s.
+
+Three sources, chosen by `data.source`:
+- `glue_dir`: GLUE-format TSV folders as written by the standard GLUE download script (split on TAB,
+  no CSV quoting; CoLA has no header; MRPC starts with a UTF-8 byte-order mark).
+- `hub`: any `datasets` dataset (GLUE by default: `nyu-mll/glue`), for users with internet.
+- `files`: custom TSV/CSV files with named text, optional text-pair and label columns.
+
+Everything returns an `Examples` object (texts, labels, ids); `encode` turns it into padded-per-batch
+token ids for training.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+
+from actors.errors import DataError
+from orchestrator.common.task import (GLUE_TASKS, TRANSFER_ID_BASE, UNLABELLED, Encoded, TaskSpec, is_labelled,
+                                      task_spec)
+from orchestrator.config import DataConfig
+
+
+@dataclass
+class Examples:
+    """One split of a task: parallel lists of texts and labels, plus stable example ids.
+
+    Shapes: `labels` is [N] int64 class indices, or [N] float32 scores for regression; `ids` is [N]
+    int64, the row's position in the source split (stable across subsetting, so caches can key on it).
+    """
+
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: np.ndarray
+    ids: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            self.ids = np.arange(len(self.text_a), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.text_a)
+
+    def concat(self, other: "Examples | None") -> "Examples":
+        """These rows followed by `other`'s (self when other is None).
+
+        Raises:
+            DataError: one has a second text column and the other not.
+        """
+        if other is None:
+            return self
+        if (self.text_b is None) != (other.text_b is None):
+            raise DataError("data.transfer: the transfer rows and the task differ in text columns (pair task "
+                            "without data.transfer.text_pair_column, or the reverse)")
+        return Examples(self.text_a + other.text_a, None if self.text_b is None else self.text_b + other.text_b,
+                        np.concatenate([self.labels, other.labels.astype(self.labels.dtype)]),
+                        np.concatenate([self.ids, other.ids]))
+
+    def subset(self, n: int | None, seed: int) -> "Examples":
+        """A seeded random subset of `n` rows (all rows, shuffled order, when n >= len)."""
+        if n is None:
+            return self
+        order = np.random.default_rng(seed).permutation(len(self))[: min(n, len(self))]
+        return Examples([self.text_a[i] for i in order],
+                        None if self.text_b is None else [self.text_b[i] for i in order],
+                        self.labels[order], self.ids[order])
+
+
+def _map_labels(raw: Sequence[str], spec: TaskSpec, where: str) -> np.ndarray:
+    if spec.labels is None:
+        scores = np.empty(len(raw), dtype=np.float32)
+        for row, value in enumerate(raw):
+            try:
+                scores[row] = float(value)
+            except ValueError:
+                scores[row] = np.nan
+            if not np.isfinite(scores[row]):
+                raise DataError(f"{where}: row {row + 1} has regression label {str(value)[:40]!r}, which is not a "
+                                f"finite number; fix or drop that row")
+        return scores
+    index = {lab: i for i, lab in enumerate(spec.labels)}
+    out = np.empty(len(raw), dtype=np.int64)
+    for row, value in enumerate(raw):
+        key = str(value).strip()
+        if key not in index:
+            raise DataError(f"{where}: row {row + 1} has label {key!r}, expected one of {list(spec.labels)} "
+                            f"(for custom data set data.labels)")
+        out[row] = index[key]
+    return out
+
+
+def _read_table(path: Path, delimiter: str, what: str) -> list[list[str]]:
+    """The non-empty rows of a UTF-8 TSV (split on TAB, no quoting: GLUE files hold bare `"`) or CSV
+    (standard quoting), header included.
+
+    Raises:
+        DataError: missing, non-UTF-8 or empty file.
+    """
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; {what}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); save "
+                        f"the file as UTF-8") from None
+    if delimiter == "\t":
+        rows = [line.split("\t") for line in text.splitlines() if line.strip()]
+    else:
+        csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long text is data, not an error
+        rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if r]
+    if not rows:
+        raise DataError(f"data file {path} is empty")
+    return rows
+
+
+def _columns(path: Path, header: list[str], wanted: Sequence[str | None], hint: str) -> list[int | None]:
+    """Positions of the `wanted` header names (None stays None).
+
+    Raises:
+        DataError: a name the header lacks (the message lists the header and `hint`).
+    """
+    missing = [c for c in wanted if c is not None and c not in header]
+    if missing:
+        raise DataError(f"{path}: header lacks column(s) {missing}; found {header}. {hint}")
+    return [None if c is None else header.index(c) for c in wanted]
+
+
+def _check_width(path: Path, rows: list[list[str]], cols: Sequence[int | None], first_line: int, kind: str,
+                 delimiter: str) -> None:
+    need = max(c for c in cols if c is not None) + 1
+    for n, row in enumerate(rows):
+        if len(row) < need:
+            raise DataError(f"{path}:{n + first_line}: malformed row with {len(row)} field(s), need at least {need} "
+                            f"(is this a {kind} file split by {'TAB' if delimiter == chr(9) else repr(delimiter)}?)")
+
+
+def read_delimited(path: Path, spec: TaskSpec, delimiter: str = "\t") -> Examples:
+    """Read a GLUE-format TSV (or a CSV for custom data) into `Examples`.
+
+    TSVs are split on TAB with no quoting (GLUE files hold bare `"`); CSVs use standard CSV quoting.
+
+    Raises:
+        DataError: missing file, missing header column, short rows, or unknown labels.
+    """
+    rows = _read_table(path, delimiter, f"set data.glue_dir (or $GLUE_DIR) to a folder with "
+                                        f"{spec.folder or '<task>'}/train.tsv and dev files, or use data.source=hub")
+    if spec.has_header:
+        header, rows = rows[0], rows[1:]
+        cols = _columns(path, header, spec.columns, "Check data.text_column/label_column or the file format")
+    else:
+        cols = list(spec.columns)
+    _check_width(path, rows, cols, 1 + int(spec.has_header), spec.folder or "custom", delimiter)
+    a, b, lab = cols
+    return Examples([r[a] for r in rows], None if b is None else [r[b] for r in rows],
+                    _map_labels([r[lab] for r in rows], spec, str(path)))
+
+
+def load_transfer(task: str, data: DataConfig) -> Examples | None:
+    """The unlabelled transfer rows of `data.transfer` (None when it is unset), labels set to `UNLABELLED`
+    (classification) or NaN (regression).
+
+    `rest`: the training rows past `data.max_train_samples` in the same seeded shuffle that picks the labelled
+    rows (`Examples.subset`), keeping their split row ids. `file`: a TSV/CSV with a header, its rows' ids
+    `TRANSFER_ID_BASE + row`. Both are cut to `transfer.max_rows`.
+
+    Raises:
+        DataError: an unreadable file, a missing text column, or no transfer row at all.
+    """
+    t = data.transfer
+    if t is None:
+        return None
+    spec = task_spec(task, data)
+    if t.source == "rest":
+        everything = read_split(task, data, "train")
+        order = np.random.default_rng(data.shuffle_seed).permutation(len(everything))[data.max_train_samples:]
+        texts_a = [everything.text_a[i] for i in order]
+        texts_b = None if everything.text_b is None else [everything.text_b[i] for i in order]
+        ids = everything.ids[order]
+        where = f"the {len(everything)}-row training split past its first {data.max_train_samples} rows"
+    else:
+        path = Path(t.file).expanduser()
+        delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+        rows = _read_table(path, delimiter, "point data.transfer.file at a TSV/CSV of unlabelled text")
+        named = [c if isinstance(c, str) else None for c in spec.columns[:2]]
+        text = t.text_column or named[0] or "sentence"
+        pair = t.text_pair_column or (named[1] if spec.columns[1] is not None else None)
+        a, b = _columns(path, rows[0], [text, pair], "Set data.transfer.text_column (and text_pair_column)")
+        _check_width(path, rows[1:], [a, b], 2, "transfer", delimiter)
+        texts_a = [r[a] for r in rows[1:]]
+        texts_b = None if b is None else [r[b] for r in rows[1:]]
+        ids = TRANSFER_ID_BASE + np.arange(len(texts_a), dtype=np.int64)
+        where = str(path)
+    n = len(texts_a) if t.max_rows is None else min(t.max_rows, len(texts_a))
+    if n == 0:
+        raise DataError(f"data.transfer: {where} holds no rows; point it at more text or drop data.transfer")
+    labels = (np.full(n, np.nan, dtype=np.float32) if spec.is_regression
+              else np.full(n, UNLABELLED, dtype=np.int64))
+    return Examples(texts_a[:n], None if texts_b is None else texts_b[:n], labels, ids[:n])
+
+
+def _from_hub(spec: TaskSpec, data: DataConfig, split: str) -> Examples:
+    import datasets  # heavy import, only for users with internet
+
+    name = data.hub_dataset or "nyu-mll/glue"
+    config = data.hub_config or (spec.name if spec.name in GLUE_TASKS else None)
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # network, unknown name, missing split: all user-fixable
+        raise DataError(f"could not load dataset {name!r} ({config}) split {split!r} through `datasets`: "
+                        f"{exc}. Check data.hub_dataset/hub_config, or use data.source=glue_dir offline") from None
+    a, b = spec.hub_columns
+    label_col = spec.columns[2] if spec.name == "custom" else "label"
+    for col in (a, b, label_col):
+        if col is not None and col not in ds.column_names:
+            raise DataError(f"dataset {name!r} has no column {col!r}; columns are {ds.column_names}")
+    raw = ds[label_col]
+    if spec.labels is not None and spec.name != "custom":
+        labels = np.asarray(raw, dtype=np.int64)  # GLUE on the hub already holds class indices
+        if labels.min() < 0:
+            raise DataError(f"dataset {name!r} split {split!r} has no labels (test split?); pick another split")
+    else:
+        labels = _map_labels([str(x) for x in raw], spec, f"{name}:{split}")
+    return Examples(list(ds[a]), None if b is None else list(ds[b]), labels)
+
+
+def load_split(task: str, data: DataConfig, split: Literal["train", "dev"]) -> Examples:
+    """Load the train or dev split of a task, subset as configured (`max_train_samples` etc.).
+
+    Raises:
+        DataError: unknown task, missing/malformed files, unknown labels, unreachable hub datasets.
+    """
+    return subset_split(read_split(task, data, split), data, split)
+
+
+def read_split(task: str, data: DataConfig, split: Literal["train", "dev"]) -> Examples:
+    """Every row of the train or dev split of a task, in the source's order (`load_split` subsets them).
+
+    Raises:
+        DataError: as `load_split`.
+    """
+    spec = task_spec(task, data)
+    if data.source == "glue_dir":
+        if spec.name == "custom":
+            raise DataError("task 'custom' reads data.source=files (train_file/dev_file) or data.source=hub")
+        folder = data.resolved_glue_dir() / spec.folder
+        examples = read_delimited(folder / ("train.tsv" if split == "train" else spec.dev_file), spec)
+    elif data.source == "files":
+        path = data.train_file if split == "train" else data.dev_file
+        if path is None:
+            raise DataError(f"data.source=files needs data.{split}_file")
+        path = Path(path).expanduser()
+        examples = read_delimited(path, spec, "," if path.suffix.lower() == ".csv" else "\t")
+    else:
+        hub_split = data.train_split if split == "train" else (data.dev_split or spec.hub_dev_split)
+        examples = _from_hub(spec, data, hub_split)
+    return examples
+
+
+def subset_split(examples: Examples, data: DataConfig, split: Literal["train", "dev"]) -> Examples:
+    """A whole split's rows as configured: train, a seeded shuffle (`shuffle_seed`) cut to `max_train_samples`;
+    dev, its first `max_dev_samples` rows (all of them by default)."""
+    limit = data.max_train_samples if split == "train" else data.max_dev_samples
+    return examples.subset(limit, data.shuffle_seed) if split == "train" or limit else examples
+
+
+def encode(examples: Examples, tokenizer, max_length: int) -> Encoded:
+    """Tokenize with truncation (pairs: longest-first), no padding; padding happens per batch."""
+    from actors.models import vocab_fingerprint
+
+    enc = tokenizer(examples.text_a, examples.text_b, truncation=True, max_length=max_length)
+    return Encoded([list(x) for x in enc["input_ids"]], examples.labels, examples.ids, vocab_fingerprint(tokenizer))
+
+
+@dataclass
+class Inputs:
+    """A task's tokenized splits and the tokenizer facts every run needs (made once on the driver).
+
+    Attributes:
+        spec: the task; train / dev: the tokenized splits; pad_id: the tokenizer's pad token id.
+        vocab: `vocab_fingerprint` of the student's tokenizer.
+        tokenizer_init: absolute folder or hub id of the tokenizer (workers run in other directories).
+        train_examples: the training rows as text, kept so teachers with other tokenizers can get their own
+            view of them (`with_views`).
+        max_length: `data.max_length`.
+        alignment_counts: per aligned view (vocab fingerprint): student_tokens, teacher_tokens,
+            unmatched_student_tokens, unmatched_teacher_tokens over the training rows (`with_views(align=True)`).
+    """
+
+    spec: TaskSpec
+    train: Encoded
+    dev: Encoded
+    pad_id: int
+    vocab: str
+    tokenizer_init: str
+    train_examples: Examples | None = None
+    max_length: int = 128
+    alignment_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def transfer_rows(self) -> int:
+        """Training rows without a label (`data.transfer`), taught by the teachers alone."""
+        return int((~is_labelled(self.train.labels)).sum())
+
+    def labelled_only(self) -> "Inputs":
+        """These inputs without the transfer rows (what a student without a teacher trains on)."""
+        import dataclasses
+
+        if not self.transfer_rows:
+            return self
+        keep = np.flatnonzero(is_labelled(self.train.labels))
+        ex = self.train_examples
+        examples = None if ex is None else Examples(
+            [ex.text_a[i] for i in keep], None if ex.text_b is None else [ex.text_b[i] for i in keep],
+            ex.labels[keep], ex.ids[keep])
+        return dataclasses.replace(self, train=self.train.select(keep), train_examples=examples)
+
+
+def prepare_inputs(data: DataConfig, task: str, tokenizer_init: str, transfer: bool = True) -> Inputs:
+    """Load, subset and tokenize the train and dev splits (pure Python, before any Ray resources).
+
+    Args:
+        data, task: the config's; tokenizer_init: the tokenizer's model name/folder.
+        transfer: append `data.transfer`'s unlabelled rows to train (`load_transfer`); False for teachers,
+            which learn from labels only.
+
+    Raises:
+        DataError: unknown task, missing/malformed files, unknown labels, an unreadable transfer set.
+        TeacherError: the tokenizer cannot be loaded.
+    """
+    from actors.models import load_tokenizer, resolve_model, vocab_fingerprint
+
+    spec = task_spec(task, data)
+    train_ex, dev_ex = load_split(task, data, "train"), load_split(task, data, "dev")
+    if transfer:
+        train_ex = train_ex.concat(load_transfer(task, data))
+    tok = load_tokenizer(tokenizer_init)
+    return Inputs(spec, encode(train_ex, tok, data.max_length), encode(dev_ex, tok, data.max_length),
+                  int(tok.pad_token_id or 0), vocab_fingerprint(tok), resolve_model(tokenizer_init), train_ex,
+                  data.max_length)
+
+
+def with_views(inputs: Inputs, tokenizers: dict[str, str], align: bool = False) -> Inputs:
+    """The inputs with the training rows also tokenized by each teacher tokenizer unlike the student's.
+
+    The driver tokenizes once per distinct tokenizer (not once per teacher) with the same truncation and
+    `max_length`; every batch then carries each view (`Encoded.batch`) and a teacher reads the one of its
+    own tokenizer (`TokenBatch.view`). Soft labels and [CLS] states need nothing more: each teacher sees the
+    whole text in its own tokens. With `align`, each view also keeps every row's token alignment to the
+    student's tokens by character offsets (`actors.alignment`), for hidden-state knowledge; the unmatched
+    tokens are counted in `alignment_counts` and printed, never dropped silently.
+
+    Args:
+        inputs: from `prepare_inputs`.
+        tokenizers: vocab fingerprint -> tokenizer folder/name (a teacher's checkpoint), one per teacher.
+        align: also align each view to the student's tokens.
+
+    Returns:
+        `inputs` itself when every tokenizer is the student's or already has its view (aligned when asked),
+        else a copy whose `train` has the missing views.
+
+    Raises:
+        TeacherError: a tokenizer that does not load, one whose fingerprint is not what the manifest says, or
+            (with `align`) a tokenizer without character offsets (not a fast tokenizer).
+    """
+    import dataclasses
+
+    from actors.alignment import align as align_row, token_spans
+    from actors.errors import TeacherError
+    from actors.models import load_tokenizer, vocab_fingerprint
+
+    views, counted = dict(inputs.train.views), dict(inputs.alignment_counts)
+    missing = {fp: src for fp, src in tokenizers.items()
+               if fp != inputs.vocab and (fp not in views or (align and views[fp][2] is None))}
+    if not missing:
+        return inputs
+    ex = inputs.train_examples
+    if ex is None:
+        raise ValueError("with_views needs Inputs.train_examples (made by prepare_inputs)")
+    student_spans = token_spans(load_tokenizer(inputs.tokenizer_init), ex.text_a, ex.text_b,
+                                inputs.max_length) if align else None
+    for fp, src in missing.items():
+        tok = load_tokenizer(src)
+        if vocab_fingerprint(tok) != fp:
+            raise TeacherError(f"the tokenizer in {src} is not the one the teachers manifest records ({fp}); "
+                               f"re-run `skd teachers prepare`")
+        enc = encode(ex, tok, inputs.max_length)
+        pairs = None
+        if align:
+            rows = [align_row(s, t) for s, t in zip(student_spans, token_spans(tok, ex.text_a, ex.text_b,
+                                                                               inputs.max_length))]
+            pairs = [r.pairs for r in rows]
+            counts = {"student_tokens": sum(len(s) for s in student_spans),
+                      "teacher_tokens": sum(len(x) for x in enc.input_ids),
+                      "unmatched_student_tokens": sum(r.unmatched_student for r in rows),
+                      "unmatched_teacher_tokens": sum(r.unmatched_teacher for r in rows)}
+            counted[fp] = counts
+            print(f"[skd] tokens of tokenizer {fp} ({src}) aligned to the student's by character offsets: "
+                  f"{counts['unmatched_student_tokens']} of {counts['student_tokens']} student tokens without a "
+                  f"teacher token (left out of the hidden-state loss), {counts['unmatched_teacher_tokens']} of "
+                  f"{counts['teacher_tokens']} teacher tokens without a student token (text the student "
+                  f"truncated)", flush=True)
+        views[fp] = (enc.input_ids, int(tok.pad_token_id or 0), pairs)
+    return dataclasses.replace(inputs, train=dataclasses.replace(inputs.train, views=views),
+                               alignment_counts=counted)

@@ -1,0 +1,1 @@
+"""skd tuning: Ray Tune campaigns over sampling distributions, MLflow parent/child runs, reports."""
