@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from mlflow.tracking import MlflowClient
 
 from actors.errors import ConfigError, SkdError
 from actors.knowledge import KnowledgeSource
@@ -81,7 +82,7 @@ def trial_fn(config: dict[str, Any], *, base: dict[str, Any], pool: KnowledgeSou
 
     trial_id = tune.get_context().get_trial_id()
     cfg = load_config(None, [*to_overrides(config), f"mlflow.run_name=trial-{trial_id}"], base=base)
-    client = tracking.MlflowClient(cfg.tracking_uri())
+    client = MlflowClient(cfg.tracking_uri())
     exp = client.get_experiment_by_name(cfg.experiment_name())
     resume = exp is not None and find_resumable_run(client, exp.experiment_id, f"trial-{trial_id}") is not None
     run_distill(cfg, source=pool, resume=resume, student_scores=student_scores, report_to_tune=True,

@@ -16,6 +16,7 @@ import numpy as np
 
 from actors.manifest import TeacherInfo
 from orchestrator import tracking
+from orchestrator.tracking import plots
 from tuning.space import TuneSection
 
 
@@ -114,6 +115,6 @@ def log_campaign_report(client, parent_id: str, trials: list[dict[str, Any]], be
             figs.append(gsnr_fig)
         if best is not None and best.get("probs") and best["probs"] != "none":
             probs = json.loads(best["probs"])
-            figs.append(tracking.plot_distribution([t.name for t in teachers], probs, [0] * len(probs),
-                                                   tmp / "best_distribution.png"))
+            figs.append(plots.plot_distribution([t.name for t in teachers], probs, [0] * len(probs),
+                                                tmp / "best_distribution.png"))
         tracking.log_figures(client, parent_id, figs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
@@ -22,7 +23,7 @@ def list_runs(tracking_uri: str, experiment: str, console: Console, limit: int =
     """
     from actors.errors import SkdError
 
-    client = tracking.MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]

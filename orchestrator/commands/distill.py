@@ -19,6 +19,7 @@ import ray
 from actors.knowledge import KnowledgeSource
 from actors.manifest import TeacherInfo
 from orchestrator import tracking
+from orchestrator.tracking import plots
 from orchestrator.driver import lineage
 from orchestrator.config import SkdConfig, flatten
 from orchestrator.driver.plan import Resources, RunPlan, make_plan
@@ -103,14 +104,14 @@ def _figures(plan: RunPlan):
         figs = []
         if plan.probs is not None and plan.teachers:
             counts = [result.counts.get(n, 0) for n in plan.names]
-            figs.append(tracking.plot_distribution(plan.names, plan.probs, counts, tmp / "sampling_distribution.png"))
+            figs.append(plots.plot_distribution(plan.names, plan.probs, counts, tmp / "sampling_distribution.png"))
         if plan.family == "adaptive":
             history = {n: tracking.metric_history(client, run_id, f"sampler/p/{n}") for n in [*plan.names, *(
                 n for n in result.probs if n not in plan.names)]}
-            figs.append(tracking.plot_p_over_time(history, tmp / "sampling_p_over_time.png"))
+            figs.append(plots.plot_p_over_time(history, tmp / "sampling_p_over_time.png"))
         curves = {k: tracking.metric_history(client, run_id, k)
                   for k in ("train/loss", f"dev/{metric}", "train/samples_per_s")}
-        figs.append(tracking.plot_learning_curves(curves, tmp / "learning_curves.png"))
+        figs.append(plots.plot_learning_curves(curves, tmp / "learning_curves.png"))
         return figs
     return make
 

@@ -1,1 +1,0 @@
-"""skd actors: teacher actors, the teacher pool, knowledge requests, the teachers manifest."""

@@ -1,1 +1,0 @@
-"""skd tuning: Ray Tune campaigns over sampling distributions, MLflow parent/child runs, reports."""
