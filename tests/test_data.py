@@ -150,3 +150,36 @@ def test_transfer_rest_needs_a_labelled_cut():
 
     with pytest.raises(ValidationError, match="data.max_train_samples"):
         DataConfig(transfer={"source": "rest"})
+
+
+def test_holdout_rows_are_held_back_from_training_and_leave_the_labelled_and_transfer_rows_as_they_were():
+    from orchestrator.config import TransferConfig
+    from orchestrator.driver.inputs import eval_split, load_transfer
+
+    plain = DataConfig(max_train_samples=100, transfer=TransferConfig(source="rest"))
+    held = plain.model_copy(update={"holdout": 300})
+    assert eval_split(plain) == "dev" and eval_split(held) == "holdout"
+    labelled, holdout = load_split("sst2", held, "train"), load_split("sst2", held, "holdout")
+    assert labelled.ids.tolist() == load_split("sst2", plain, "train").ids.tolist()  # teachers' rows, caches stay
+    assert len(holdout) == 300 and not set(holdout.ids.tolist()) & set(labelled.ids.tolist())
+    transfer = load_transfer("sst2", held)
+    assert len(transfer) == 67349 - 100 - 300 and not set(holdout.ids.tolist()) & set(transfer.ids.tolist())
+    assert transfer.ids.tolist() == load_transfer("sst2", plain).ids[:len(transfer)].tolist()
+    whole = load_split("sst2", DataConfig(), "train")
+    row = int(holdout.ids[0])
+    assert holdout.text_a[0] == whole.text_a[row] and holdout.labels[0] == whole.labels[row]  # labelled rows
+    everything = load_split("sst2", DataConfig(holdout=300), "train")  # no max: every row not held back
+    assert len(everything) == 67349 - 300 and not set(everything.ids.tolist()) & set(holdout.ids.tolist())
+    with pytest.raises(DataError, match=r"data.holdout: holding back 67300 of the 67349 training rows leaves 49, "
+                                        r"fewer than the 100 to train on"):
+        load_split("sst2", DataConfig(max_train_samples=100, holdout=67300), "train")
+
+
+def test_a_run_evaluates_on_the_held_back_rows(capsys):
+    from orchestrator.driver.inputs import prepare_inputs
+    from actors.models import PACKAGED_MODEL
+
+    inputs = prepare_inputs(DataConfig(max_train_samples=50, holdout=40, max_length=16), "sst2", PACKAGED_MODEL)
+    assert len(inputs.train) == 50 and len(inputs.dev) == 40
+    assert inputs.dev.ids.tolist() == load_split("sst2", DataConfig(holdout=40), "holdout").ids.tolist()
+    assert "evaluating on 40 training rows held back from training (data.holdout)" in capsys.readouterr().out

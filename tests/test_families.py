@@ -17,7 +17,8 @@ from actors.models import (DEPTH_KEYS, _mpnet_parts, assemble_split_zip, check_c
                            forward_flops_per_token, load_classifier, load_tokenizer, vocab_fingerprint)
 from actors.teacher import Teacher
 from orchestrator.config.load import load_config
-from orchestrator.driver.inputs import prepare_inputs, with_views
+from orchestrator.driver.inputs import prepare_inputs
+from orchestrator.driver.views import with_views
 from tests.conftest import tiny_raw
 from tests.tiny import make_tiny_mpnet
 

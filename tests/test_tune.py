@@ -10,7 +10,7 @@ from orchestrator.config.load import load_config
 from actors.errors import ConfigError
 from tests.conftest import tiny_raw
 from tests.tiny import make_tiny_teachers
-from tuning.campaign import _searcher, run_campaign, validate_space
+from tuning.campaign import _searcher, run_campaign, source_config, validate_space
 from tuning.space import Dimension, TuneSection, domain
 
 SPACE = {"family": {"choice": ["uniform", "teacher-rank"]}, "alpha": {"uniform": [0.3, 0.7]},
@@ -126,6 +126,32 @@ def test_bad_ranges_are_clear_errors(tiny_model, tmp_path):
         validate_space(c, c.tune)
     with pytest.raises(ConfigError, match="(?s)tune.space.family: value 'weights'.*needs distill.distribution.weights"):
         c = cfg({"family": {"choice": ["uniform", "weights"]}})
+        validate_space(c, c.tune)
+
+
+def test_a_recipe_search_for_one_teacher_tunes_kd_settings_and_the_knowledge_asked(tiny_model, tmp_path):
+    """KD settings and the knowledge asked for are searched for any distilling strategy; the shared source is
+    made for every output a trial may ask; distribution shapes need skd, and no-kd has nothing to search."""
+    def cfg(strategy, space):
+        return load_config(None, base=tiny_raw(tmp_path, tiny_model, distill={"strategy": strategy},
+                                               tune={"space": space}))
+    c = cfg("single:t4", {"alpha": {"uniform": [0.1, 0.9]}, "outputs": {"choice": [[], ["hidden"], ["cls"]]}})
+    validate_space(c, c.tune)
+    assert c.distill.knowledge.outputs == []
+    assert source_config(c, c.tune).distill.knowledge.outputs == ["cls", "hidden"]
+    assert source_config(c, c.tune).distill.strategy == "single:t4"
+    plain = cfg("skd", {"alpha": {"uniform": [0.1, 0.9]}})
+    assert source_config(plain, plain.tune) is plain
+    with pytest.raises(ConfigError, match=r"tune.space \['family', 'gamma'\] shape the SKD sampling distribution"):
+        c = cfg("average", {"family": {"choice": ["uniform"]}, "gamma": {"uniform": [0.5, 2]}})
+        validate_space(c, c.tune)
+    with pytest.raises(ConfigError, match="no-kd distils nothing"):
+        c = cfg("no-kd", {"lr": {"loguniform": [1e-4, 1e-3]}})
+        validate_space(c, c.tune)
+    with pytest.raises(ConfigError, match="space.outputs takes a choice of output lists"):
+        cfg("skd", {"outputs": {"uniform": [0, 1]}})
+    with pytest.raises(ConfigError, match="tune.space.outputs: value \\['logits'\\] is not valid"):
+        c = cfg("skd", {"outputs": {"choice": [["logits"]]}})
         validate_space(c, c.tune)
 
 

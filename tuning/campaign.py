@@ -38,7 +38,7 @@ from orchestrator.driver.runner import find_resumable_run
 from orchestrator.driver.runtime import ray_session
 from orchestrator.driver.sources import open_source
 from tuning.pbt import pbt_scheduler, pbt_trial_fn
-from tuning.space import KEYS, TuneSection, domain, to_overrides
+from tuning.space import DISTRIBUTION_KEYS, KEYS, TuneSection, domain, to_overrides
 
 
 def absolute_raw(cfg: SkdConfig) -> dict[str, Any]:
@@ -70,9 +70,24 @@ def validate_space(cfg: SkdConfig, section: TuneSection) -> None:
                 load_config(None, to_overrides({name: value}), base=base)
             except ConfigError as exc:
                 raise ConfigError(f"tune.space.{name}: value {value!r} is not valid for {KEYS[name]}: {exc}") from None
-    if cfg.distill.strategy != "skd":
-        raise ConfigError(f"skd tune searches sampling distributions: set distill.strategy=skd "
-                          f"(got {cfg.distill.strategy!r})")
+    shaping = sorted(DISTRIBUTION_KEYS & set(section.space))
+    if shaping and cfg.distill.strategy != "skd":
+        raise ConfigError(f"tune.space {shaping} shape the SKD sampling distribution, which strategy "
+                          f"{cfg.distill.strategy!r} does not draw from: set distill.strategy=skd, or search only "
+                          f"KD settings (alpha, temperature, lr, outputs, ...) for this strategy")
+    if cfg.distill.strategy == "no-kd":
+        raise ConfigError("skd tune searches distillation settings, and distill.strategy no-kd distils nothing: "
+                          "set distill.strategy to skd, average or single:<teacher>")
+
+
+def source_config(cfg: SkdConfig, section: TuneSection) -> SkdConfig:
+    """The config the campaign's shared knowledge source is made for: the run's, asking every knowledge output
+    some trial may ask (`tune.space.outputs`), so that one teacher pool (eager attention where needed) or one
+    cache serves every trial, and a cache without them is refused before Ray starts."""
+    if "outputs" not in section.space:
+        return cfg
+    union = set(cfg.distill.knowledge.outputs).union(*map(set, section.space["outputs"].choice))
+    return load_config(None, [f"distill.knowledge.outputs={sorted(union)}"], base=absolute_raw(cfg))
 
 
 def trial_fn(config: dict[str, Any], *, base: dict[str, Any], pool: KnowledgeSource | None, parent_run_id: str,
@@ -205,7 +220,7 @@ def run_campaign(cfg: SkdConfig, *, resume: bool = False) -> CampaignResult:
 
     section = cfg.tune or TuneSection()
     validate_space(cfg, section)
-    plan = make_plan(cfg)  # a bad request or a missing/mismatched cache fails here, before Ray
+    plan = make_plan(source_config(cfg, section))  # a bad request or a missing/mismatched cache fails here, before Ray
     _check_plan(plan, section)
     metric = section.metric or f"dev/{plan.inputs.spec.metric}"
     client, exp_id = tracking.open_experiment(cfg.tracking_uri(), cfg.experiment_name())

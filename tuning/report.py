@@ -38,9 +38,9 @@ def plot_metric_vs_params(trials: list[dict[str, Any]], names: list[str], metric
         xs = [t.get(f"param.{name}") for t in done]
         ys = [t["metric"] for t in done]
         colors = ["tab:blue" if t["status"] == "FINISHED" else "tab:gray" for t in done]
-        if xs and isinstance(xs[0], str):
-            cats = sorted(set(xs))
-            ax.scatter([cats.index(x) for x in xs], ys, c=colors)
+        if xs and not all(isinstance(x, (int, float)) for x in xs):  # choices: names, lists of outputs
+            cats = sorted({str(x) for x in xs})
+            ax.scatter([cats.index(str(x)) for x in xs], ys, c=colors)
             ax.set_xticks(range(len(cats)), cats, rotation=30, fontsize=7)
         else:
             ax.scatter(xs, ys, c=colors)

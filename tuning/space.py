@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.config.tune import KEYS, Dimension, TuneSection, default_space
+from orchestrator.config.tune import DISTRIBUTION_KEYS, KEYS, Dimension, TuneSection, default_space
 
-__all__ = ["KEYS", "Dimension", "TuneSection", "default_space", "domain", "to_overrides"]
+__all__ = ["DISTRIBUTION_KEYS", "KEYS", "Dimension", "TuneSection", "default_space", "domain", "to_overrides"]
 
 
 def domain(dim: Dimension):

@@ -24,7 +24,8 @@ import ray
 from actors.errors import ConfigError
 from orchestrator.config import SkdConfig
 from orchestrator.config.load import load_config
-from orchestrator.driver.inputs import prepare_inputs, with_views
+from orchestrator.driver.inputs import prepare_inputs
+from orchestrator.driver.views import with_views
 from orchestrator.commands.distill import run_distill
 from orchestrator.driver.plan import load_teachers, make_plan
 from orchestrator.driver.runner import RunResult

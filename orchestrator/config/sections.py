@@ -62,6 +62,11 @@ class DataConfig(_Strict):
     max_dev_samples: int | None = Field(None, gt=0)
     max_length: int = Field(128, gt=2, le=4096, description="Tokens per example after truncation.")
     shuffle_seed: int = 0
+    holdout: int | None = Field(
+        None, gt=0, description="Evaluate on this many training rows held back from training (the last rows of the "
+                                "seeded shuffle) instead of the dev set, so that a recipe search (`skd tune`) never "
+                                "looks at dev. The run's dev/* metrics are then those rows'; teachers' scores (and "
+                                "retention) stay dev scores.")
     transfer: TransferConfig | None = Field(None, description="Unlabelled transfer rows only the teachers teach.")
 
     @model_validator(mode="after")

@@ -33,8 +33,15 @@ KEYS: dict[str, str] = {
     "temperature": "distill.temperature",
     "alpha": "distill.alpha",
     "lr": "distill.lr",
+    "outputs": "distill.knowledge.outputs",
+    "hidden_weight": "distill.knowledge.hidden_weight",
+    "attention_weight": "distill.knowledge.attention_weight",
+    "cls_weight": "distill.knowledge.cls_weight",
 }
 """Tunable short names and the config keys they set."""
+
+DISTRIBUTION_KEYS = frozenset(k for k, v in KEYS.items() if v.startswith("distill.distribution."))
+"""The short names that shape the SKD sampling distribution (they mean something only for strategy skd)."""
 
 
 class Dimension(BaseModel):
@@ -121,6 +128,8 @@ class TuneSection(BaseModel):
         unknown = sorted(set(self.space) - set(KEYS))
         if unknown:
             raise ValueError(f"unknown search dimensions {unknown}; tunable: {', '.join(KEYS)}")
+        if "outputs" in self.space and self.space["outputs"].choice is None:
+            raise ValueError("space.outputs takes a choice of output lists, e.g. {choice: [[], [hidden], [cls]]}")
         if self.scheduler == "pbt" and self.search != "random":
             raise ValueError("scheduler pbt samples and mutates the space itself: use search random "
                              "(--search random), not optuna")

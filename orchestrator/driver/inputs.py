@@ -1,6 +1,7 @@
-"""GLUE tasks and custom datasets, on the driver: reading, label mapping, tokenization and, for teachers of
-another tokenizer, their views of the rows aligned to the student's tokens. The task definitions and the
-encoded rows the workers receive are `orchestrator.common.task`'s.
+"""GLUE tasks and custom datasets, on the driver: reading, label mapping, the rows a run trains and evaluates on
+(subsets, transfer rows, rows held back from training) and tokenization. Teachers of another tokenizer get their
+views of the rows in `orchestrator.driver.views`; the task definitions and the encoded rows the workers receive
+are `orchestrator.common.task`'s.
 
 Three sources, chosen by `data.source`:
 - `glue_dir`: GLUE-format TSV folders as written by the standard GLUE download script (split on TAB,
@@ -18,6 +19,9 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
+
+Split = Literal["train", "dev", "holdout"]
+"""A split a run reads: the training rows, the dev set, or the training rows held back (`data.holdout`)."""
 
 import numpy as np
 
@@ -66,10 +70,38 @@ class Examples:
         """A seeded random subset of `n` rows (all rows, shuffled order, when n >= len)."""
         if n is None:
             return self
-        order = np.random.default_rng(seed).permutation(len(self))[: min(n, len(self))]
-        return Examples([self.text_a[i] for i in order],
-                        None if self.text_b is None else [self.text_b[i] for i in order],
-                        self.labels[order], self.ids[order])
+        return self.take(np.random.default_rng(seed).permutation(len(self))[: min(n, len(self))])
+
+    def take(self, rows: np.ndarray) -> "Examples":
+        """The rows at positions `rows` ([M] int), in that order."""
+        return Examples([self.text_a[i] for i in rows], None if self.text_b is None else [self.text_b[i] for i in rows],
+                        self.labels[rows], self.ids[rows])
+
+
+def train_order(n: int, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The training split's row positions in its seeded shuffle (`data.shuffle_seed`), as (rows training may use,
+    rows held back): the last `data.holdout` positions are held back (none without it). The labelled rows are
+    the first `data.max_train_samples` of the first part and `data.transfer` `rest` the others, so holding rows
+    back leaves both as they were.
+
+    Args:
+        n: rows in the training split.
+
+    Raises:
+        DataError: the held-back rows would cut into the labelled rows or leave none.
+    """
+    order = np.random.default_rng(data.shuffle_seed).permutation(n)
+    held = data.holdout or 0
+    if held and n - held < (data.max_train_samples or 1):
+        raise DataError(f"data.holdout: holding back {held} of the {n} training rows leaves {max(n - held, 0)}, "
+                        f"fewer than the {data.max_train_samples or 1} to train on (data.max_train_samples); "
+                        f"lower data.holdout or data.max_train_samples")
+    return order[:n - held], order[n - held:]
+
+
+def eval_split(data: DataConfig) -> Literal["dev", "holdout"]:
+    """The split a run evaluates on: the held-back training rows when `data.holdout` is set, else dev."""
+    return "holdout" if data.holdout else "dev"
 
 
 def _map_labels(raw: Sequence[str], spec: TaskSpec, where: str) -> np.ndarray:
@@ -180,7 +212,7 @@ def load_transfer(task: str, data: DataConfig) -> Examples | None:
     spec = task_spec(task, data)
     if t.source == "rest":
         everything = read_split(task, data, "train")
-        order = np.random.default_rng(data.shuffle_seed).permutation(len(everything))[data.max_train_samples:]
+        order = train_order(len(everything), data)[0][data.max_train_samples:]
         texts_a = [everything.text_a[i] for i in order]
         texts_b = None if everything.text_b is None else [everything.text_b[i] for i in order]
         ids = everything.ids[order]
@@ -231,8 +263,9 @@ def _from_hub(spec: TaskSpec, data: DataConfig, split: str) -> Examples:
     return Examples(list(ds[a]), None if b is None else list(ds[b]), labels)
 
 
-def load_split(task: str, data: DataConfig, split: Literal["train", "dev"]) -> Examples:
-    """Load the train or dev split of a task, subset as configured (`max_train_samples` etc.).
+def load_split(task: str, data: DataConfig, split: Split) -> Examples:
+    """Load the train, dev or held-back split of a task, subset as configured (`max_train_samples`, `holdout`
+    etc.).
 
     Raises:
         DataError: unknown task, missing/malformed files, unknown labels, unreachable hub datasets.
@@ -240,13 +273,15 @@ def load_split(task: str, data: DataConfig, split: Literal["train", "dev"]) -> E
     return subset_split(read_split(task, data, split), data, split)
 
 
-def read_split(task: str, data: DataConfig, split: Literal["train", "dev"]) -> Examples:
-    """Every row of the train or dev split of a task, in the source's order (`load_split` subsets them).
+def read_split(task: str, data: DataConfig, split: Split) -> Examples:
+    """Every row of the train or dev split of a task, in the source's order (`load_split` subsets them;
+    "holdout" reads the training split, whose held-back rows it is).
 
     Raises:
         DataError: as `load_split`.
     """
     spec = task_spec(task, data)
+    split = "dev" if split == "dev" else "train"
     if data.source == "glue_dir":
         if spec.name == "custom":
             raise DataError("task 'custom' reads data.source=files (train_file/dev_file) or data.source=hub")
@@ -264,9 +299,17 @@ def read_split(task: str, data: DataConfig, split: Literal["train", "dev"]) -> E
     return examples
 
 
-def subset_split(examples: Examples, data: DataConfig, split: Literal["train", "dev"]) -> Examples:
+def subset_split(examples: Examples, data: DataConfig, split: Split) -> Examples:
     """A whole split's rows as configured: train, a seeded shuffle (`shuffle_seed`) cut to `max_train_samples`;
-    dev, its first `max_dev_samples` rows (all of them by default)."""
+    dev, `max_dev_samples` rows of a seeded shuffle (all of them, in file order, by default); holdout (`examples`
+    is then the training split), the rows `data.holdout` holds back (`train_order`).
+
+    Raises:
+        DataError: as `train_order`.
+    """
+    if split != "dev" and data.holdout:
+        train, held = train_order(len(examples), data)
+        return examples.take(held if split == "holdout" else train[:data.max_train_samples])
     limit = data.max_train_samples if split == "train" else data.max_dev_samples
     return examples.subset(limit, data.shuffle_seed) if split == "train" or limit else examples
 
@@ -284,11 +327,12 @@ class Inputs:
     """A task's tokenized splits and the tokenizer facts every run needs (made once on the driver).
 
     Attributes:
-        spec: the task; train / dev: the tokenized splits; pad_id: the tokenizer's pad token id.
+        spec: the task; train / dev: the tokenized training and evaluation splits (dev, or the rows
+            `data.holdout` holds back); pad_id: the tokenizer's pad token id.
         vocab: `vocab_fingerprint` of the student's tokenizer.
         tokenizer_init: absolute folder or hub id of the tokenizer (workers run in other directories).
         train_examples: the training rows as text, kept so teachers with other tokenizers can get their own
-            view of them (`with_views`).
+            view of them (`orchestrator.driver.views.with_views`).
         max_length: `data.max_length`.
         alignment_counts: per aligned view (vocab fingerprint): student_tokens, teacher_tokens,
             unmatched_student_tokens, unmatched_teacher_tokens over the training rows (`with_views(align=True)`).
@@ -338,75 +382,13 @@ def prepare_inputs(data: DataConfig, task: str, tokenizer_init: str, transfer: b
     from actors.models import load_tokenizer, resolve_model, vocab_fingerprint
 
     spec = task_spec(task, data)
-    train_ex, dev_ex = load_split(task, data, "train"), load_split(task, data, "dev")
+    train_ex, dev_ex = load_split(task, data, "train"), load_split(task, data, eval_split(data))
+    if data.holdout:
+        print(f"[skd] evaluating on {len(dev_ex)} training rows held back from training (data.holdout), not on the "
+              f"dev set", flush=True)
     if transfer:
         train_ex = train_ex.concat(load_transfer(task, data))
     tok = load_tokenizer(tokenizer_init)
     return Inputs(spec, encode(train_ex, tok, data.max_length), encode(dev_ex, tok, data.max_length),
                   int(tok.pad_token_id or 0), vocab_fingerprint(tok), resolve_model(tokenizer_init), train_ex,
                   data.max_length)
-
-
-def with_views(inputs: Inputs, tokenizers: dict[str, str], align: bool = False) -> Inputs:
-    """The inputs with the training rows also tokenized by each teacher tokenizer unlike the student's.
-
-    The driver tokenizes once per distinct tokenizer (not once per teacher) with the same truncation and
-    `max_length`; every batch then carries each view (`Encoded.batch`) and a teacher reads the one of its
-    own tokenizer (`TokenBatch.view`). Soft labels and [CLS] states need nothing more: each teacher sees the
-    whole text in its own tokens. With `align`, each view also keeps every row's token alignment to the
-    student's tokens by character offsets (`actors.alignment`), for hidden-state knowledge; the unmatched
-    tokens are counted in `alignment_counts` and printed, never dropped silently.
-
-    Args:
-        inputs: from `prepare_inputs`.
-        tokenizers: vocab fingerprint -> tokenizer folder/name (a teacher's checkpoint), one per teacher.
-        align: also align each view to the student's tokens.
-
-    Returns:
-        `inputs` itself when every tokenizer is the student's or already has its view (aligned when asked),
-        else a copy whose `train` has the missing views.
-
-    Raises:
-        TeacherError: a tokenizer that does not load, one whose fingerprint is not what the manifest says, or
-            (with `align`) a tokenizer without character offsets (not a fast tokenizer).
-    """
-    import dataclasses
-
-    from actors.alignment import align as align_row, token_spans
-    from actors.errors import TeacherError
-    from actors.models import load_tokenizer, vocab_fingerprint
-
-    views, counted = dict(inputs.train.views), dict(inputs.alignment_counts)
-    missing = {fp: src for fp, src in tokenizers.items()
-               if fp != inputs.vocab and (fp not in views or (align and views[fp][2] is None))}
-    if not missing:
-        return inputs
-    ex = inputs.train_examples
-    if ex is None:
-        raise ValueError("with_views needs Inputs.train_examples (made by prepare_inputs)")
-    student_spans = token_spans(load_tokenizer(inputs.tokenizer_init), ex.text_a, ex.text_b,
-                                inputs.max_length) if align else None
-    for fp, src in missing.items():
-        tok = load_tokenizer(src)
-        if vocab_fingerprint(tok) != fp:
-            raise TeacherError(f"the tokenizer in {src} is not the one the teachers manifest records ({fp}); "
-                               f"re-run `skd teachers prepare`")
-        enc = encode(ex, tok, inputs.max_length)
-        pairs = None
-        if align:
-            rows = [align_row(s, t) for s, t in zip(student_spans, token_spans(tok, ex.text_a, ex.text_b,
-                                                                               inputs.max_length))]
-            pairs = [r.pairs for r in rows]
-            counts = {"student_tokens": sum(len(s) for s in student_spans),
-                      "teacher_tokens": sum(len(x) for x in enc.input_ids),
-                      "unmatched_student_tokens": sum(r.unmatched_student for r in rows),
-                      "unmatched_teacher_tokens": sum(r.unmatched_teacher for r in rows)}
-            counted[fp] = counts
-            print(f"[skd] tokens of tokenizer {fp} ({src}) aligned to the student's by character offsets: "
-                  f"{counts['unmatched_student_tokens']} of {counts['student_tokens']} student tokens without a "
-                  f"teacher token (left out of the hidden-state loss), {counts['unmatched_teacher_tokens']} of "
-                  f"{counts['teacher_tokens']} teacher tokens without a student token (text the student "
-                  f"truncated)", flush=True)
-        views[fp] = (enc.input_ids, int(tok.pad_token_id or 0), pairs)
-    return dataclasses.replace(inputs, train=dataclasses.replace(inputs.train, views=views),
-                               alignment_counts=counted)

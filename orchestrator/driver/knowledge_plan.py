@@ -156,7 +156,7 @@ def plan_knowledge(cfg: SkdConfig, inputs: Inputs, teachers: list[TeacherInfo], 
                  and (t.vocab not in inputs.train.views or inputs.train.views[t.vocab][2] is None)]
     if unaligned:
         raise ConfigError(f"teachers {', '.join(unaligned)}: hidden states of another tokenizer need the rows "
-                          f"aligned to the student's tokens (orchestrator.driver.inputs.with_views(align=True))")
+                          f"aligned to the student's tokens (orchestrator.driver.views.with_views(align=True))")
     if request.needs_layers:
         try:
             stage_at(0, total_steps, kn.schedule, request.student_layers, kn.ir_fraction)

@@ -39,7 +39,9 @@ def _subset(cfg: SkdConfig, split: str, rows: int, total: int) -> str:
     if split == "train" and d.max_train_samples and rows < total:
         return f"first {rows} of {total} rows after a shuffle with seed {d.shuffle_seed}"
     if split == "dev" and d.max_dev_samples and rows < total:
-        return f"first {rows} of {total} rows"
+        return f"{rows} of {total} rows after a shuffle with seed {d.shuffle_seed}"
+    if split == "holdout":
+        return f"last {rows} of {total} training rows after a shuffle with seed {d.shuffle_seed}, held back from training"
     return f"all {rows} rows"
 
 
@@ -50,6 +52,7 @@ def _source(cfg: SkdConfig, split: str):
     from orchestrator.common.task import task_spec
 
     d, spec = cfg.data, task_spec(cfg.task, cfg.data)
+    split = "dev" if split == "dev" else "train"  # held-back rows are training rows
     if d.source == "hub":
         hub_split = d.train_split if split == "train" else (d.dev_split or spec.hub_dev_split)
         config = d.hub_config or (spec.name if not d.hub_dataset else None)
@@ -75,11 +78,11 @@ def _dataset_input(frame: dict, source, name: str, tags: list):
 
 
 def log_datasets(client: MlflowClient, run_id: str, cfg: SkdConfig) -> None:
-    """Log the run's training and dev data as MLflow dataset inputs (contexts "training" and "evaluation"), and
-    the unlabelled transfer rows (`data.transfer`) as one of their own (`<task>-transfer`, context "transfer";
-    not for no-kd runs, which skip them).
+    """Log the run's training and evaluation data as MLflow dataset inputs (contexts "training" and "evaluation"),
+    and the unlabelled transfer rows (`data.transfer`) as one of their own (`<task>-transfer`, context
+    "transfer"; not for no-kd runs, which skip them).
 
-    Each is named `<task>-train` / `<task>-dev`, with MLflow's digest of the rows actually used (texts and
+    Each is named `<task>-train` / `<task>-dev` (`<task>-holdout` for the rows `data.holdout` holds back), with MLflow's digest of the rows actually used (texts and
     labels after subsetting), its source (file or hub dataset) and tags `subset` (which rows) and
     `max_length` (tokens), so runs trained on different data differ in the runs table's Dataset column.
 
@@ -88,10 +91,10 @@ def log_datasets(client: MlflowClient, run_id: str, cfg: SkdConfig) -> None:
     """
     from mlflow.entities import InputTag
 
-    from orchestrator.driver.inputs import load_transfer, read_split, subset_split
+    from orchestrator.driver.inputs import eval_split, load_transfer, read_split, subset_split
 
     inputs = []
-    for split, context in (("train", "training"), ("dev", "evaluation")):
+    for split, context in (("train", "training"), (eval_split(cfg.data), "evaluation")):
         everything = read_split(cfg.task, cfg.data, split)  # read once: the rows used and how many there were
         ex, total = subset_split(everything, cfg.data, split), len(everything)
         frame = {"text_a": ex.text_a, **({"text_b": ex.text_b} if ex.text_b is not None else {}),
@@ -236,6 +239,8 @@ def model_card(plan: "RunPlan", result: Any) -> str:
         plan: the run's plan; result: its finished `orchestrator.driver.runner.RunResult` (dev metrics, steps, run
             id, learnt p).
     """
+    from orchestrator.driver.inputs import eval_split
+
     cfg, spec = plan.cfg, plan.inputs.spec
     d, data = cfg.distill, cfg.data
     base = hub_id(cfg.student.init)
@@ -248,7 +253,7 @@ def model_card(plan: "RunPlan", result: Any) -> str:
         meta.append(f"datasets: [{data.hub_dataset or GLUE_HUB_ID}]")
     metrics = "\n".join(f"      - {{type: {k}, value: {v:.4f}}}" for k, v in sorted(result.dev.items()))
     dataset = (f"{{name: {GLUE_NAMES[cfg.task]}, type: {data.hub_dataset or GLUE_HUB_ID}, config: {spec.name}, "
-               f"split: validation}}" if glue else f"{{name: {cfg.task}, type: {cfg.task}}}")
+               f"split: {'train' if data.holdout else 'validation'}}}" if glue else f"{{name: {cfg.task}, type: {cfg.task}}}")
     meta += ["model-index:", f"- name: {plan.run_name}", "  results:", "  - task: {type: text-classification}",
              f"    dataset: {dataset}", "    metrics:", metrics, "---"]
     probs = result.probs or None
@@ -272,7 +277,7 @@ def model_card(plan: "RunPlan", result: Any) -> str:
         f"- task: {cfg.task} ({spec.metric}); source: {data.source}; max length {data.max_length} tokens",
         f"- train: {len(plan.inputs.train)} rows"
         + (f" (first {data.max_train_samples} after a shuffle with seed {data.shuffle_seed})"
-           if data.max_train_samples else "") + f"; dev: {len(plan.inputs.dev)} rows",
+           if data.max_train_samples else "") + f"; {eval_split(data)}: {len(plan.inputs.dev)} rows",
         "",
         "## Training", "",
         f"- student init: {cfg.student.init} ({base or 'local folder'}), layers kept: {layers}",

@@ -18,7 +18,8 @@ from actors.manifest import TeacherInfo, read_manifest, validate_teachers
 from actors.pool import PlacementPlan
 from orchestrator.config import RayConfig, SkdConfig
 from actors.models import check_cut
-from orchestrator.driver.inputs import Inputs, prepare_inputs, with_views
+from orchestrator.driver.inputs import Inputs, prepare_inputs
+from orchestrator.driver.views import with_views
 from orchestrator.worker.spec import KnowledgePlan, StepPlan
 from orchestrator.driver.knowledge_plan import plan_knowledge
 from orchestrator.driver.outputs import check_output
