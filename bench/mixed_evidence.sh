@@ -1,24 +1,45 @@
 #!/usr/bin/env bash
-# The mixed-family evidence of docs/results.md (#23): fine-tune the ensemble of configs/sst2-mixed.yaml
-# (MPNet-base at 12/8/6 layers and MiniLM 6; `make mpnet` first), cache its soft labels once, then train the
-# 6-layer MiniLM student with every method x 3 seeds from the cache, in two `skd compare` streams side by
-# side (a student worker uses one core: two streams fill a 2-core machine), seed by seed so that a stopped
-# campaign still leaves whole seeds, and print the paired table (bench/paired_table.py).
-#   [STREAM_A="variant ..."] [STREAM_B="variant ..."] bash bench/mixed_evidence.sh OUT_DIR [--set k=v ...]
-# e.g. bash bench/mixed_evidence.sh runs/sst2-mixed      (--set overrides go to every command)
+# The mixed-family evidence of docs/results.md (#23), in stages (STAGES, default "teachers cache compare"):
+#   teachers  fine-tune the ensemble of configs/sst2-mixed.yaml (MPNet-base at 12/8/6 layers and MiniLM 6;
+#             `make mpnet` first), 120 steps of 32 each;
+#   cache     cache its knowledge once (soft labels, and whatever --set distill.knowledge.outputs=... asks);
+#   tune      the recipe search: `skd tune` with the config's tune: section, TUNE_STRATEGY (default
+#             single:mpnet-l12) on HOLDOUT (default 2000) training rows held back from training, never dev;
+#   compare   train the 6-layer MiniLM student with every method x 3 seeds from the cache, in two `skd compare`
+#             streams side by side (a student worker uses one core: two streams fill a 2-core machine), seed
+#             by seed so that a stopped campaign still leaves whole seeds, with RECIPE's --set items (the
+#             recipe the tune stage chose), then print the paired table (bench/paired_table.py).
+#   [STAGES="..."] [STREAM_A="variant ..."] [STREAM_B="variant ..."] [RECIPE="k=v ..."] \
+#       bash bench/mixed_evidence.sh OUT_DIR [--set k=v ...]          (--set overrides go to every stage)
+# e.g. bash bench/mixed_evidence.sh runs/sst2-mixed
+#      STAGES="cache tune" bash bench/mixed_evidence.sh runs/sst2-mixed --set 'distill.knowledge.outputs=[hidden,cls]'
 set -euo pipefail
 out=$(realpath -m "${1:?usage: bash bench/mixed_evidence.sh OUT_DIR [--set ...]}"); shift
 skd=${SKD:-skd}
 cfg=configs/sst2-mixed.yaml
+stages=" ${STAGES:-teachers cache compare} "
 mkdir -p "$out/b"
 common=(-c "$cfg" --set "output_dir=$out" --set "mlflow.tracking_uri=sqlite:///$out/mlflow.db" "$@")
-echo "[evidence] teachers $(date -u +%T)"
-# 120 steps of 32 per teacher (a 12-layer MPNet step is about 4 s on 2 cores), one dev evaluation at the end
-$skd teachers prepare "${common[@]}" --set teachers.finetune.max_steps=120 --set distill.eval_every=120
-# resumes an interrupted build and reuses a finished one
-echo "[evidence] cache $(date -u +%T)"
-$skd cache build "${common[@]}" --out "$out/cache"
+if [[ $stages == *" teachers "* ]]; then
+    echo "[evidence] teachers $(date -u +%T)"
+    # 120 steps of 32 per teacher (a 12-layer MPNet step is about 4 s on 2 cores), one dev evaluation at the end
+    $skd teachers prepare "${common[@]}" --set teachers.finetune.max_steps=120 --set distill.eval_every=120
+fi
+if [[ $stages == *" cache "* ]]; then
+    echo "[evidence] cache $(date -u +%T)"
+    # resumes an interrupted build and reuses a finished one
+    $skd cache build "${common[@]}" --out "$out/cache"
+fi
+if [[ $stages == *" tune "* ]]; then
+    echo "[evidence] tune $(date -u +%T)"
+    $skd tune "${common[@]}" --set "distill.knowledge.source=cache:$out/cache" \
+        --set "distill.strategy=${TUNE_STRATEGY:-single:mpnet-l12}" --set "data.holdout=${HOLDOUT:-2000}" \
+        --set mlflow.run_name=recipe
+fi
+[[ $stages == *" compare "* ]] || exit 0
 
+recipe=()
+for kv in ${RECIPE:-}; do recipe+=(--set "$kv"); done
 # stream DIR VARIANT...: one compare per seed into DIR (its own MLflow store: two writers can lock SQLite)
 stream() {
     local dir=$1; shift
@@ -27,7 +48,7 @@ stream() {
     for seed in 0 1 2; do
         $skd compare -c "$cfg" --set "output_dir=$dir" --set "mlflow.tracking_uri=sqlite:///$dir/mlflow.db" \
             --set "teachers.manifest=$out/teachers/manifest.json" --set "distill.knowledge.source=cache:$out/cache" \
-            "${extra[@]}" "${variants[@]}" --seed "$seed"
+            "${extra[@]}" ${recipe[@]+"${recipe[@]}"} "${variants[@]}" --seed "$seed"
     done
 }
 extra=("${@}")
