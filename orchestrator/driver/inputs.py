@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-Split = Literal["train", "dev", "holdout"]
-"""A split a run reads: the training rows, the dev set, or the training rows held back (`data.holdout`)."""
-
 import numpy as np
 
 from actors.errors import DataError
 from orchestrator.common.task import (GLUE_TASKS, TRANSFER_ID_BASE, UNLABELLED, Encoded, TaskSpec, is_labelled,
                                       task_spec)
 from orchestrator.config import DataConfig
+
+Split = Literal["train", "dev", "holdout"]
+"""A split a run reads: the training rows, the dev set, or the training rows held back (`data.holdout`)."""
 
 
 @dataclass
@@ -74,8 +74,8 @@ class Examples:
 
     def take(self, rows: np.ndarray) -> "Examples":
         """The rows at positions `rows` ([M] int), in that order."""
-        return Examples([self.text_a[i] for i in rows], None if self.text_b is None else [self.text_b[i] for i in rows],
-                        self.labels[rows], self.ids[rows])
+        text_b = None if self.text_b is None else [self.text_b[i] for i in rows]
+        return Examples([self.text_a[i] for i in rows], text_b, self.labels[rows], self.ids[rows])
 
 
 def train_order(n: int, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -212,10 +212,8 @@ def load_transfer(task: str, data: DataConfig) -> Examples | None:
     spec = task_spec(task, data)
     if t.source == "rest":
         everything = read_split(task, data, "train")
-        order = train_order(len(everything), data)[0][data.max_train_samples:]
-        texts_a = [everything.text_a[i] for i in order]
-        texts_b = None if everything.text_b is None else [everything.text_b[i] for i in order]
-        ids = everything.ids[order]
+        rest = everything.take(train_order(len(everything), data)[0][data.max_train_samples:])
+        texts_a, texts_b, ids = rest.text_a, rest.text_b, rest.ids
         where = f"the {len(everything)}-row training split past its first {data.max_train_samples} rows"
     else:
         path = Path(t.file).expanduser()
@@ -360,10 +358,7 @@ class Inputs:
         if not self.transfer_rows:
             return self
         keep = np.flatnonzero(is_labelled(self.train.labels))
-        ex = self.train_examples
-        examples = None if ex is None else Examples(
-            [ex.text_a[i] for i in keep], None if ex.text_b is None else [ex.text_b[i] for i in keep],
-            ex.labels[keep], ex.ids[keep])
+        examples = None if self.train_examples is None else self.train_examples.take(keep)
         return dataclasses.replace(self, train=self.train.select(keep), train_examples=examples)
 
 

@@ -41,7 +41,8 @@ def _subset(cfg: SkdConfig, split: str, rows: int, total: int) -> str:
     if split == "dev" and d.max_dev_samples and rows < total:
         return f"{rows} of {total} rows after a shuffle with seed {d.shuffle_seed}"
     if split == "holdout":
-        return f"last {rows} of {total} training rows after a shuffle with seed {d.shuffle_seed}, held back from training"
+        return (f"last {rows} of {total} training rows after a shuffle with seed {d.shuffle_seed}, held back from "
+                f"training")
     return f"all {rows} rows"
 
 
@@ -82,9 +83,10 @@ def log_datasets(client: MlflowClient, run_id: str, cfg: SkdConfig) -> None:
     and the unlabelled transfer rows (`data.transfer`) as one of their own (`<task>-transfer`, context
     "transfer"; not for no-kd runs, which skip them).
 
-    Each is named `<task>-train` / `<task>-dev` (`<task>-holdout` for the rows `data.holdout` holds back), with MLflow's digest of the rows actually used (texts and
-    labels after subsetting), its source (file or hub dataset) and tags `subset` (which rows) and
-    `max_length` (tokens), so runs trained on different data differ in the runs table's Dataset column.
+    Each is named `<task>-train` / `<task>-dev` (`<task>-holdout` for the rows `data.holdout` holds back), with
+    MLflow's digest of the rows actually used (texts and labels after subsetting), its source (file or hub
+    dataset) and tags `subset` (which rows) and `max_length` (tokens), so runs trained on different data differ
+    in the runs table's Dataset column.
 
     Raises:
         DataError: the data cannot be read (it was read moments before by the plan, so rarely).
@@ -253,7 +255,8 @@ def model_card(plan: "RunPlan", result: Any) -> str:
         meta.append(f"datasets: [{data.hub_dataset or GLUE_HUB_ID}]")
     metrics = "\n".join(f"      - {{type: {k}, value: {v:.4f}}}" for k, v in sorted(result.dev.items()))
     dataset = (f"{{name: {GLUE_NAMES[cfg.task]}, type: {data.hub_dataset or GLUE_HUB_ID}, config: {spec.name}, "
-               f"split: {'train' if data.holdout else 'validation'}}}" if glue else f"{{name: {cfg.task}, type: {cfg.task}}}")
+               f"split: {'train' if data.holdout else 'validation'}}}" if glue
+               else f"{{name: {cfg.task}, type: {cfg.task}}}")
     meta += ["model-index:", f"- name: {plan.run_name}", "  results:", "  - task: {type: text-classification}",
              f"    dataset: {dataset}", "    metrics:", metrics, "---"]
     probs = result.probs or None
