@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The mixed-family evidence of docs/results.md (#23), in stages (STAGES, default "teachers cache compare"):
-#   teachers  fine-tune the ensemble of configs/sst2-mixed.yaml (MPNet-base at 12/8/6 layers and MiniLM 6;
-#             `make mpnet` first), 120 steps of 32 each;
+# The mixed-family evidence of docs/results.md (#23), in stages (STAGES, default "teachers cache compare"), for
+# CONFIG (default configs/sst2-mixed.yaml; configs/cola-mixed.yaml for CoLA):
+#   teachers  fine-tune the ensemble of CONFIG (MPNet-base at 12/8/6 layers and MiniLM 6 for SST-2; `make mpnet`
+#             first), TEACHER_STEPS (default 120) steps of 32 each, one dev evaluation at the end;
 #   cache     cache its knowledge once (soft labels, and whatever --set distill.knowledge.outputs=... asks);
 #   tune      the recipe search: `skd tune` with the config's tune: section, TUNE_STRATEGY (default
 #             single:mpnet-l12) on HOLDOUT (default 2000) training rows held back from training, never dev;
@@ -9,21 +10,22 @@
 #             streams side by side (a student worker uses one core: two streams fill a 2-core machine), seed
 #             by seed so that a stopped campaign still leaves whole seeds, with RECIPE's --set items (the
 #             recipe the tune stage chose), then print the paired table (bench/paired_table.py).
-#   [STAGES="..."] [STREAM_A="variant ..."] [STREAM_B="variant ..."] [RECIPE="k=v ..."] \
+#   [CONFIG=...] [STAGES="..."] [TEACHER_STEPS=N] [STREAM_A="variant ..."] [STREAM_B="variant ..."] [RECIPE="k=v ..."] \
 #       bash bench/mixed_evidence.sh OUT_DIR [--set k=v ...]          (--set overrides go to every stage)
 # e.g. bash bench/mixed_evidence.sh runs/sst2-mixed
 #      STAGES="cache tune" bash bench/mixed_evidence.sh runs/sst2-mixed --set 'distill.knowledge.outputs=[hidden,cls]'
 set -euo pipefail
 out=$(realpath -m "${1:?usage: bash bench/mixed_evidence.sh OUT_DIR [--set ...]}"); shift
 skd=${SKD:-skd}
-cfg=configs/sst2-mixed.yaml
+cfg=${CONFIG:-configs/sst2-mixed.yaml}
+steps=${TEACHER_STEPS:-120}
 stages=" ${STAGES:-teachers cache compare} "
 mkdir -p "$out/b"
 common=(-c "$cfg" --set "output_dir=$out" --set "mlflow.tracking_uri=sqlite:///$out/mlflow.db" "$@")
 if [[ $stages == *" teachers "* ]]; then
     echo "[evidence] teachers $(date -u +%T)"
-    # 120 steps of 32 per teacher (a 12-layer MPNet step is about 4 s on 2 cores), one dev evaluation at the end
-    $skd teachers prepare "${common[@]}" --set teachers.finetune.max_steps=120 --set distill.eval_every=120
+    # a 12-layer MPNet step of 32 is about 4 to 8 s on 2 cores
+    $skd teachers prepare "${common[@]}" --set "teachers.finetune.max_steps=$steps" --set "distill.eval_every=$steps"
 fi
 if [[ $stages == *" cache "* ]]; then
     echo "[evidence] cache $(date -u +%T)"
