@@ -11,8 +11,10 @@
 #             by seed so that a stopped campaign still leaves whole seeds, with RECIPE's --set items (the
 #             recipe the tune stage chose), then print the paired table (bench/paired_table.py).
 #   [CONFIG=...] [STAGES="..."] [TEACHER_STEPS=N] [STREAM_A="variant ..."] [STREAM_B="variant ..."] [RECIPE="k=v ..."] \
+#   [SEEDS="0 1 2"] \
 #       bash bench/mixed_evidence.sh OUT_DIR [--set k=v ...]          (--set overrides go to every stage)
 # e.g. bash bench/mixed_evidence.sh runs/sst2-mixed
+#      (SEEDS and the STREAMs finish a stopped comparison: the table reads only FINISHED runs)
 #      STAGES="cache tune" bash bench/mixed_evidence.sh runs/sst2-mixed --set 'distill.knowledge.outputs=[hidden,cls]'
 set -euo pipefail
 out=$(realpath -m "${1:?usage: bash bench/mixed_evidence.sh OUT_DIR [--set ...]}"); shift
@@ -47,7 +49,7 @@ stream() {
     local dir=$1; shift
     local variants=()
     for v in "$@"; do variants+=(--variant "$v"); done
-    for seed in 0 1 2; do
+    for seed in ${SEEDS:-0 1 2}; do
         $skd compare -c "$cfg" --set "output_dir=$dir" --set "mlflow.tracking_uri=sqlite:///$dir/mlflow.db" \
             --set "teachers.manifest=$out/teachers/manifest.json" --set "distill.knowledge.source=cache:$out/cache" \
             "${extra[@]}" ${recipe[@]+"${recipe[@]}"} "${variants[@]}" --seed "$seed"
