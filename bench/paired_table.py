@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--out", type=Path, action="append", required=True,
                         help="The compare's output_dir (students/, mlflow.db); repeat it for comparisons run "
-                             "side by side into several folders (the first one's teachers manifest is used).")
+                             "side by side into several folders (the first one's teachers manifest is used unless --teachers).")
+    parser.add_argument("--teachers", type=Path,
+                        help="Teachers manifest for retention (default: <first --out>/teachers/manifest.json).")
     parser.add_argument("--method", action="append", help="Run-name prefixes (default: every one saved).")
     parser.add_argument("--baseline", action="append", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -63,7 +65,7 @@ def main() -> None:
     spec, labels = inputs.spec, inputs.dev.labels
     methods = args.method or list(dict.fromkeys(m for o in outs for s in args.seeds
                                                 for m in found_methods(o / "students", s)))
-    best = max(t.dev_metric for t in read_manifest(outs[0] / "teachers" / "manifest.json"))
+    best = max(t.dev_metric for t in read_manifest(args.teachers or outs[0] / "teachers" / "manifest.json"))
 
     from mlflow.tracking import MlflowClient
 
