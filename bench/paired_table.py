@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--out", type=Path, action="append", required=True,
                         help="The compare's output_dir (students/, mlflow.db); repeat it for comparisons run "
-                             "side by side into several folders (the first one's teachers manifest is used unless --teachers).")
+                             "side by side into several folders (the first one's teachers manifest is used "
+                             "unless --teachers).")
     parser.add_argument("--teachers", type=Path,
                         help="Teachers manifest for retention (default: <first --out>/teachers/manifest.json).")
     parser.add_argument("--method", action="append", help="Run-name prefixes (default: every one saved).")
